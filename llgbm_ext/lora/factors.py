@@ -33,9 +33,10 @@ def state_dict_from_factors(factors: LoraFactors, layout: LoraLayout) -> dict[st
         a, b = factors[proj]
         if a.dim() != 3:
             raise ValueError(f"state_dict_from_factors takes one adapter; {proj} lora_A has shape {tuple(a.shape)}")
+        a, b = a.contiguous(), b.contiguous()  # one copy per projection; the per-layer tensors are views
         for i in range(layout.num_layers):
-            state_dict[peft_key(i, proj, "A")] = a[i].contiguous()
-            state_dict[peft_key(i, proj, "B")] = b[i].contiguous()
+            state_dict[peft_key(i, proj, "A")] = a[i]
+            state_dict[peft_key(i, proj, "B")] = b[i]
     return state_dict
 
 

@@ -1,0 +1,524 @@
+"""DeltaCache: teacher deltas and base activations on disk, keyed by adapter content and context.
+
+A teacher delta Δ = v(adapter) − v(base) depends on the adapter's tensors and on a *context*: the base
+model's weights, the probe set and the delta settings (layer, dtype, chat template, max length,
+padding ...). A lookup is ``(adapter_id, context) -> delta``: a changed base, probe set or setting is a
+miss, never a wrong hit.
+
+Layout: LLGBM's file names, so a single-context cache looks like LLGBM's ``deltas/``::
+
+    <root>/manifest.json                      contexts and records (JSON)
+    <root>/base_activation.npy                v(base), float32 (H,), of the primary context
+    <root>/<adapter_id>.npy                   Δ of one adapter, float32 (H,), in the primary context
+    <root>/base_activation.<context_id>.npy   the same two for every further context
+    <root>/<adapter_id>.<context_id>.npy
+    <root>/.lock                              flock'ed: shared by readers, exclusive by writers
+
+The primary context is the first one written to the directory (fixed in its manifest). It keeps the
+plain names; every later context adds its id to the same names, so one directory, manifest and lock
+serve any number of base models and probe sets. Arrays are written with ``np.save`` and read with
+``allow_pickle=False``. The manifest records, per context, the base model (name and weight
+fingerprint), the probe hash and the settings; per array, its context, shape, norm and checksum, plus
+the adapter's path and task for people (never used for matching).
+
+Fixes to LLGBM's DeltaCache (contract §6.23): its ids were the md5 of the adapter *path string*, so a
+relative and an absolute path missed each other, and ``get_delta_for_checkpoint`` matched substrings
+(``arc_e_001`` hit ``arc_e_0010``). Here ``adapter_id`` hashes the adapter tensors and lookups are exact.
+LLGBM also recorded no base-model or probe identity, so a delta for another base model or probe set was
+reused silently; here those are part of the key.
+
+Safety: files are written to a temporary name and renamed into place (``llgbm_ext.atomic``) while the
+writer holds the exclusive lock, so concurrent processes never lose entries and readers never see a
+half-written file. A killed writer leaves at most a ``.*.tmp`` file (ignored, removed by the next
+writer) or an array the manifest does not reference (ignored, removed by ``verify``). A record that
+fails its checks (missing, truncated or pickled file, wrong dtype or shape, NaN/Inf, checksum
+mismatch, stale context) is reported in a one-line warning naming the file, dropped from the manifest
+and treated as a miss, so the caller recomputes it. A corrupt manifest is reported and replaced by an
+empty one. The lock is ``fcntl.flock``: keep the cache on a local file system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_path, write_text
+from ..errors import LLGBMError, ModelError
+
+FORMAT = "llgbm_ext.delta_cache/1"
+MANIFEST = "manifest.json"
+BASE_ACTIVATION = "base_activation"
+LOCK = ".lock"
+ID_CHARS = 20  # hex digits of sha256 kept in adapter ids and fingerprints (80 bits)
+CONTEXT_CHARS = 16  # hex digits of sha256 kept in context ids
+SAMPLE_ELEMENTS = 1024  # evenly spaced elements per tensor hashed by model_fingerprint(module or state dict)
+SAMPLE_BLOCKS = 1024  # evenly spaced 4 KiB blocks per safetensors file hashed by model_fingerprint(directory)
+_BLOCK = 4096
+_ADAPTER_ID = re.compile(r"[0-9a-f]{8,64}")
+_STEM = re.compile(r"(base_activation|[0-9a-f]{8,64})(\.[0-9a-f]{16})?")
+
+
+class CacheError(LLGBMError):
+    """A value given to the DeltaCache is unusable (bad id, non-float32 or non-finite array, shape mismatch)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Identities: adapters, base models, contexts
+
+
+def _raw_bytes(name: str, value: torch.Tensor | np.ndarray) -> tuple[str, np.ndarray]:
+    """(dtype name, raw bytes as a flat uint8 array) of a tensor or array; no copy for contiguous CPU data."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        # bf16 has no numpy dtype, so hash the bytes through a uint8 view
+        return str(t.dtype).removeprefix("torch."), t.reshape(-1).view(torch.uint8).numpy()
+    a = np.ascontiguousarray(value)
+    if a.dtype.hasobject:
+        raise CacheError(f"{name}: an object array has no raw bytes to hash")
+    return a.dtype.name, a.reshape(-1).view(np.uint8)
+
+
+def _hash_tensors(state_dict: Mapping[str, torch.Tensor | np.ndarray], sample: int | None) -> str:
+    """sha256 of names, dtypes, shapes and bytes in sorted key order; ``sample``: elements kept per tensor."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        value = state_dict[key]
+        shape, n = tuple(value.shape), math.prod(value.shape)
+        if sample is not None and n > sample:  # gathered where the tensor lives: only the sample is copied
+            picks = np.arange(sample) * (n - 1) // (sample - 1)
+            flat = value.reshape(-1)
+            value = flat[torch.from_numpy(picks).to(flat.device)] if isinstance(flat, torch.Tensor) else flat[picks]
+        dtype, raw = _raw_bytes(key, value)
+        h.update(json.dumps([key, dtype, list(shape)]).encode())  # fixes the length of the bytes that follow
+        h.update(raw)
+    return h.hexdigest()[:ID_CHARS]
+
+
+def adapter_id(state_dict: Mapping[str, torch.Tensor | np.ndarray], scaling: float | None = None) -> str:
+    """Content id of an adapter: sha256 of its key names, dtypes, shapes and raw bytes, in sorted key order.
+
+    The same tensors get the same id wherever they are stored; any changed element, key, shape or dtype
+    gives another id. (LLGBM hashed the path string, contract §6.23.) Pass the state dict of
+    ``load_adapter`` so a PEFT directory and a DnD file of one adapter share their canonical keys, and
+    the LoRA ``scaling`` the delta is computed with: it lives in adapter_config.json, not in the tensors.
+    """
+    if not state_dict:
+        raise CacheError("adapter_id: empty state dict")
+    tensors = _hash_tensors(state_dict, sample=None)
+    if scaling is None:
+        return tensors
+    return hashlib.sha256(f"{tensors} scaling={float(scaling)!r}".encode()).hexdigest()[:ID_CHARS]
+
+
+def _block_spans(size: int, full: bool) -> list[tuple[int, int]]:
+    """(offset, length) of the data blocks of a file region that a fingerprint hashes."""
+    if full or size <= SAMPLE_BLOCKS * _BLOCK:
+        step = 1 << 24 if full else _BLOCK
+        return [(offset, step) for offset in range(0, size, step)]
+    return [(i * (size - _BLOCK) // (SAMPLE_BLOCKS - 1), _BLOCK) for i in range(SAMPLE_BLOCKS)]
+
+
+def _fingerprint_files(path: Path, full: bool) -> str:
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{path}: no *.safetensors weights to fingerprint")
+    h = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    raise ValueError(f"header of {header_len} bytes in a file of {size}")
+                header = json.loads(f.read(header_len))
+                header.pop("__metadata__", None)  # free-form text, not weights
+            except (struct.error, ValueError, AttributeError) as e:
+                raise ModelError(f"{file}: not a readable safetensors file ({e})") from None
+            h.update(json.dumps(header, sort_keys=True).encode())  # names, dtypes, shapes, offsets
+            start = 8 + header_len
+            for offset, length in _block_spans(size - start, full):
+                f.seek(start + offset)
+                h.update(f.read(length))
+    return h.hexdigest()[:ID_CHARS]
+
+
+def model_fingerprint(
+    source: str | os.PathLike | torch.nn.Module | Mapping[str, torch.Tensor], full: bool = False
+) -> str:
+    """Fingerprint of a base model's weights, from its directory (or one safetensors file), module or state dict.
+
+    It hashes every tensor's name, dtype and shape and a sample of the values: for files, the safetensors
+    headers and ``SAMPLE_BLOCKS`` evenly spaced 4 KiB blocks per file (a few MiB read whatever the model
+    size); for a module or state dict, ``SAMPLE_ELEMENTS`` evenly spaced elements per tensor. Another
+    model, checkpoint, fine-tune or storage dtype changes it; an edit of a handful of elements can slip
+    between the samples, which ``full=True`` (hash every byte) rules out. A directory and a loaded model
+    hash different things, so fingerprint a context's base the same way every time (the directory from
+    ``resolve_base_model`` is cheapest and needs no loaded model).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return _fingerprint_files(Path(source), full)
+    if isinstance(source, torch.nn.Module):
+        source = source.state_dict()
+    if not source:
+        raise CacheError("model_fingerprint: empty state dict")
+    return _hash_tensors(source, sample=None if full else SAMPLE_ELEMENTS)
+
+
+def _context_id(record: Mapping[str, Any]) -> str:
+    """Id of a context from its fingerprint, probe hash and settings (not the base model's name or path)."""
+    key = {"format": FORMAT, **{k: record[k] for k in ("fingerprint", "probe_hash", "settings")}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:CONTEXT_CHARS]
+
+
+@dataclass(frozen=True)
+class DeltaContext:
+    """What a delta depends on besides the adapter; its ``id`` keys the cache.
+
+    ``base_model`` is recorded for people and is not part of the id: the same weights under another
+    path or name are the same context, other weights under the same name are not.
+    """
+
+    base_model: str  # name or directory of the base model, as given by the user
+    fingerprint: str  # model_fingerprint() of its weights
+    probe_hash: str  # hash of the probe set (texts, template, truncation)
+    settings: dict[str, Any] = field(default_factory=dict)  # layer, dtype, chat template, max length, padding ...
+
+    def __post_init__(self) -> None:
+        for name in ("base_model", "fingerprint", "probe_hash"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise CacheError(f"DeltaContext.{name}: expected a non-empty string, got {value!r}")
+        if not isinstance(self.settings, Mapping):
+            raise CacheError(f"DeltaContext.settings: expected a dict, got {type(self.settings).__name__}")
+        try:  # canonical JSON form, so a context read back from the manifest compares equal
+            settings = json.loads(json.dumps(dict(self.settings), sort_keys=True, allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise CacheError(f"DeltaContext.settings: not JSON-serialisable ({e})") from None
+        object.__setattr__(self, "settings", settings)
+
+    @functools.cached_property
+    def id(self) -> str:
+        return _context_id(self.record())
+
+    def record(self) -> dict[str, Any]:
+        """The context as stored in the manifest."""
+        return {"base_model": self.base_model, "fingerprint": self.fingerprint,
+                "probe_hash": self.probe_hash, "settings": self.settings}
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached delta, for summaries."""
+
+    adapter_id: str
+    path: str | None
+    task: str | None
+    norm: float
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arrays and manifest
+
+
+def _float32(values: torch.Tensor | np.ndarray, what: str, ndim: int) -> np.ndarray:
+    """``values`` as a float32 numpy array, (H,) or (N, H) by ``ndim``, else a CacheError naming ``what``."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        if values.dtype != torch.float32:
+            raise CacheError(f"{what}: dtype {values.dtype}, expected torch.float32 (cast it explicitly)")
+        values = values.numpy()
+    array = np.asarray(values)
+    if array.dtype != np.float32:
+        raise CacheError(f"{what}: dtype {array.dtype}, expected float32 (cast it explicitly)")
+    if array.ndim != ndim or 0 in array.shape:
+        raise CacheError(f"{what}: shape {array.shape}, expected {'(H,)' if ndim == 1 else '(N, H)'}")
+    return array
+
+
+def _checksum(array: np.ndarray) -> str:
+    return hashlib.sha256(array.tobytes()).hexdigest()[:16]
+
+
+def _stem(name: str, ctx_id: str, manifest: dict) -> str:
+    """File stem of an array: LLGBM's plain name in the primary context, ``<name>.<context_id>`` otherwise."""
+    return name if manifest["primary_context"] == ctx_id else f"{name}.{ctx_id}"
+
+
+def _empty_manifest() -> dict:
+    return {"format": FORMAT, "primary_context": None, "contexts": {}, "base_activations": {}, "adapters": {}}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class DeltaCache:
+    """Teacher deltas and base activations of any number of contexts in one directory (layout: module doc).
+
+    Reads: ``get``, ``get_many``, ``missing``, ``get_base_activation``, ``entries``. Writes: ``put``,
+    ``put_many``, ``put_base_activation``. Maintenance: ``verify``. ``get`` reads the whole manifest,
+    so use ``get_many`` / ``put_many`` for thousands of adapters (one manifest read or write per call).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._swept = False  # leftover temporary files removed once per instance, on its first write
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    def get(self, adapter_id: str, ctx: DeltaContext) -> np.ndarray | None:
+        """The cached delta, float32 (H,), of an adapter in a context; None on a miss."""
+        return self.get_many([adapter_id], ctx).get(adapter_id)
+
+    def get_many(self, adapter_ids: Iterable[str], ctx: DeltaContext) -> dict[str, np.ndarray]:
+        """Cached deltas {adapter_id: (H,)} of the given adapters in ``ctx``; misses are left out."""
+        return self._read("adapters", list(adapter_ids), ctx)
+
+    def missing(self, adapter_ids: Iterable[str], ctx: DeltaContext) -> list[str]:
+        """The adapter ids (in the given order) that have no valid delta in ``ctx``: the ones to compute."""
+        adapter_ids = list(adapter_ids)
+        hits = self.get_many(adapter_ids, ctx)
+        return [a for a in adapter_ids if a not in hits]
+
+    def get_base_activation(self, ctx: DeltaContext) -> np.ndarray | None:
+        """The cached base activation v(base), float32 (H,), of a context; None on a miss."""
+        return self._read("base_activations", [BASE_ACTIVATION], ctx).get(BASE_ACTIVATION)
+
+    def entries(self, ctx: DeltaContext) -> list[CacheEntry]:
+        """The deltas recorded for ``ctx`` (from the manifest; arrays are checked when read)."""
+        with self._lock(exclusive=False):
+            manifest, _ = self._load_manifest()
+        return [CacheEntry(r.get("adapter_id"), r.get("path"), r.get("task"), r.get("norm"))
+                for r in manifest["adapters"].values() if r["context"] == ctx.id]
+
+    # -- writes --------------------------------------------------------------------------------------
+
+    def put(self, adapter_id: str, ctx: DeltaContext, delta: torch.Tensor | np.ndarray,
+            path: str | os.PathLike | None = None, task: str | None = None) -> None:
+        """Store the delta, float32 (H,), of one adapter; ``path`` and ``task`` are recorded for people."""
+        delta = _float32(delta, f"delta of adapter {adapter_id}", ndim=1)
+        self.put_many([adapter_id], ctx, delta[None], paths=[path], tasks=[task])
+
+    def put_many(self, adapter_ids: Sequence[str], ctx: DeltaContext, deltas: torch.Tensor | np.ndarray,
+                 paths: Sequence[str | os.PathLike | None] | None = None,
+                 tasks: Sequence[str | None] | None = None) -> None:
+        """Store the deltas (N, H) float32 of N adapters of one context, with a single manifest update."""
+        deltas = _float32(deltas, "deltas", ndim=2)
+        paths = [None] * len(adapter_ids) if paths is None else list(paths)
+        tasks = [None] * len(adapter_ids) if tasks is None else list(tasks)
+        if not len(adapter_ids) == len(deltas) == len(paths) == len(tasks):
+            raise CacheError(f"put_many: {len(adapter_ids)} ids, {len(deltas)} deltas, {len(paths)} paths, "
+                             f"{len(tasks)} tasks; expected one of each per adapter")
+        for aid in adapter_ids:
+            if not isinstance(aid, str) or not _ADAPTER_ID.fullmatch(aid):
+                raise CacheError(f"adapter id {aid!r}: expected the lowercase hex string of adapter_id()")
+        finite = np.isfinite(deltas).all(axis=1)
+        if not finite.all():
+            raise CacheError(f"delta of adapter {adapter_ids[int(np.argmin(finite))]}: contains NaN or Inf")
+        records = {aid: {"adapter_id": aid, "path": None if p is None else str(p),
+                         "task": None if t is None else str(t)}
+                   for aid, p, t in zip(adapter_ids, paths, tasks)}
+        self._write("adapters", ctx, dict(zip(adapter_ids, deltas)), records)
+
+    def put_base_activation(self, ctx: DeltaContext, activation: torch.Tensor | np.ndarray) -> None:
+        """Store the base activation v(base), float32 (H,), of a context."""
+        activation = _float32(activation, "base activation", ndim=1)
+        if not np.isfinite(activation).all():
+            raise CacheError("base activation: contains NaN or Inf")
+        self._write("base_activations", ctx, {BASE_ACTIVATION: activation}, {BASE_ACTIVATION: {}})
+
+    # -- maintenance ---------------------------------------------------------------------------------
+
+    def verify(self) -> list[str]:
+        """Check every record and file; drop bad records and remove leftover files. Returns one line per problem."""
+        if not self.root.is_dir():
+            return []
+        with self._lock(exclusive=True):
+            manifest, problems = self._load_manifest()
+            for section in ("base_activations", "adapters"):
+                for stem, record in list(manifest[section].items()):
+                    _, reason = self._load_record(stem, record, manifest)
+                    if reason:
+                        problems.append(self._drop(manifest, section, stem, reason))
+            kept = {f"{stem}.npy" for section in ("base_activations", "adapters") for stem in manifest[section]}
+            for file in sorted(self.root.glob("*.npy")):
+                if file.name not in kept and _STEM.fullmatch(file.stem):  # other .npy files are not ours
+                    file.unlink()
+                    problems.append(f"{file}: not referenced by the manifest; removed")
+            problems += self._sweep()
+            self._write_manifest(manifest)
+        return problems
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lock(self, exclusive: bool) -> Iterator[None]:
+        """Hold ``<root>/.lock``: shared for reads, exclusive for writes. A missing root is read without it."""
+        if not exclusive and not self.root.is_dir():
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _load_manifest(self) -> tuple[dict, list[str]]:
+        """The manifest without unusable parts, and one line per part left out (corrupt file, stale context)."""
+        path = self.root / MANIFEST
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return _empty_manifest(), []
+        except (OSError, ValueError) as e:
+            return _empty_manifest(), [f"{path}: unreadable or not JSON ({_first_line(e)}); started a fresh manifest"]
+        if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT
+                and all(isinstance(manifest.get(k), dict) for k in ("contexts", "base_activations", "adapters"))
+                and isinstance(manifest.get("primary_context"), (str, type(None)))):
+            return _empty_manifest(), [f"{path}: not a {FORMAT} manifest; started a fresh manifest"]
+        problems, stale = [], set()
+        for ctx_id, record in list(manifest["contexts"].items()):
+            try:
+                valid = _context_id(record) == ctx_id and isinstance(record["hidden_size"], int)
+            except (KeyError, TypeError):
+                valid = False
+            if not valid:
+                del manifest["contexts"][ctx_id]
+                stale.add(ctx_id)
+                problems.append(f"{path}: context {ctx_id} does not match its recorded fingerprint, probe hash "
+                                f"or settings; dropped it and its arrays, they will be recomputed")
+        for section in ("base_activations", "adapters"):
+            for stem, record in list(manifest[section].items()):
+                ctx_id = record.get("context") if isinstance(record, dict) else None
+                if ctx_id not in manifest["contexts"]:
+                    del manifest[section][stem]
+                    if ctx_id not in stale:
+                        problems.append(f"{self.root / f'{stem}.npy'}: its context {ctx_id} is not in the "
+                                        f"manifest; dropped, it will be recomputed")
+        return manifest, problems
+
+    def _load_record(self, stem: str, record: dict, manifest: dict,
+                     ctx_id: str | None = None) -> tuple[np.ndarray | None, str | None]:
+        """Load and check the array of one record (of context ``ctx_id`` if given): (array, None) or (None, why not)."""
+        if ctx_id is not None and record["context"] != ctx_id:
+            return None, f"recorded for context {record['context']}, not {ctx_id}"
+        if not _STEM.fullmatch(stem) or not isinstance(record.get("sha256"), str):
+            return None, "malformed manifest record"
+        expected = (manifest["contexts"][record["context"]]["hidden_size"],)
+        file = self.root / f"{stem}.npy"
+        try:
+            with open(file, "rb") as f:
+                array = np.load(f, allow_pickle=False)
+        except FileNotFoundError:
+            return None, "file is missing"
+        except (OSError, ValueError, EOFError) as e:
+            return None, f"not a readable .npy file ({_first_line(e)})"
+        if not isinstance(array, np.ndarray):
+            return None, "not a .npy array"
+        if array.dtype != np.float32 or array.shape != expected:
+            return None, f"holds {array.dtype} {array.shape}, expected float32 {expected}"
+        if not np.isfinite(array).all():
+            return None, "contains NaN or Inf"
+        if _checksum(array) != record["sha256"]:
+            return None, "content does not match its recorded checksum"
+        return array, None
+
+    def _drop(self, manifest: dict, section: str, stem: str, reason: str) -> str:
+        """Remove a bad record and its file (if its name is ours); returns the report line."""
+        del manifest[section][stem]
+        file = self.root / f"{stem}.npy"
+        if _STEM.fullmatch(stem):
+            file.unlink(missing_ok=True)
+        return f"{file}: {reason}; dropped, it will be recomputed"
+
+    def _read(self, section: str, names: list[str], ctx: DeltaContext) -> dict[str, np.ndarray]:
+        """Checked arrays {name: array} of ``ctx`` in a manifest section; bad records are reported and dropped."""
+        hits, bad = {}, {}
+        with self._lock(exclusive=False):
+            manifest, problems = self._load_manifest()
+            if ctx.id not in manifest["contexts"]:
+                names = []  # nothing was ever stored for this context
+            for name in names:
+                stem = _stem(name, ctx.id, manifest)
+                record = manifest[section].get(stem)
+                if record is None:
+                    continue
+                array, reason = self._load_record(stem, record, manifest, ctx.id)
+                if reason is None:
+                    hits[name] = array
+                else:
+                    bad[stem] = (record, reason)
+        if problems or bad:
+            self._repair(section, bad)
+        return hits
+
+    def _repair(self, section: str, bad: dict[str, tuple[Any, str]]) -> None:
+        """Drop the bad records of a read (if no one replaced them meanwhile) and what _load_manifest left out."""
+        with self._lock(exclusive=True):
+            manifest, problems = self._load_manifest()
+            for stem, (record, reason) in bad.items():
+                if manifest[section].get(stem) == record:
+                    problems.append(self._drop(manifest, section, stem, reason))
+            self._warn(problems)
+            if problems:
+                self._write_manifest(manifest)
+
+    def _write(self, section: str, ctx: DeltaContext, arrays: dict[str, np.ndarray],
+               records: dict[str, dict]) -> None:
+        """Write arrays {name: (H,)} and their records for ``ctx``, then the manifest, under the exclusive lock."""
+        hidden_size = len(next(iter(arrays.values())))
+        with self._lock(exclusive=True):
+            manifest, problems = self._load_manifest()
+            self._warn(problems)
+            if not self._swept:
+                self._warn(self._sweep())
+                self._swept = True
+            context = manifest["contexts"].setdefault(ctx.id, {**ctx.record(), "hidden_size": hidden_size})
+            if context["hidden_size"] != hidden_size:
+                raise CacheError(f"{section}: arrays of H={hidden_size}, but this context ({ctx.base_model}) "
+                                 f"stores H={context['hidden_size']}")
+            if manifest["primary_context"] is None:
+                manifest["primary_context"] = ctx.id
+            for name, array in arrays.items():
+                stem = _stem(name, ctx.id, manifest)
+                with atomic_path(self.root / f"{stem}.npy", fsync=False) as tmp, open(tmp, "wb") as f:
+                    np.save(f, array, allow_pickle=False)
+                manifest[section][stem] = {**records[name], "context": ctx.id, "shape": [hidden_size],
+                                           "norm": float(np.linalg.norm(array)), "sha256": _checksum(array)}
+            self._write_manifest(manifest)
+
+    def _write_manifest(self, manifest: dict) -> None:
+        # one line: json's C encoder skips indented output, which is 3x slower on large manifests
+        write_text(self.root / MANIFEST, json.dumps(manifest, sort_keys=True) + "\n")
+
+    def _sweep(self) -> list[str]:
+        """Remove temporary files of killed writers; only called under the exclusive lock, when none is live."""
+        lines = []
+        for tmp in sorted(self.root.glob(".*.tmp")):
+            tmp.unlink(missing_ok=True)
+            lines.append(f"{tmp}: temporary file of an interrupted write; removed")
+        return lines
+
+    def _warn(self, lines: list[str]) -> None:
+        for line in lines:
+            warnings.warn(f"delta cache: {line}")

@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from ..errors import LLGBMError
-from . import demo, model, tokens
+from . import data, demo, model, tokens
 
-SUBCOMMANDS = (demo, model, tokens)
+SUBCOMMANDS = (data, demo, model, tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,4 +32,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # torch is already satisfied here, so the project's dependencies never pull another build.
 "${pip[@]}" -e ".${extras}"
+"${pip[@]}" --no-deps -r scripts/offline-assets.txt
 echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from ..errors import LLGBMError
-from . import data, demo, model, tokens
+from . import criterion_weights, data, demo, model, tokens
 
-SUBCOMMANDS = (data, demo, model, tokens)
+SUBCOMMANDS = (criterion_weights, data, demo, model, tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,11 @@ import torch  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# One thread: the suite's models are tiny, where thread overhead outweighs the parallel speed-up,
+# and timings stay stable on machines shared with other work.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

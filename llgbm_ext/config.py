@@ -103,10 +103,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _join(where: str, key: str) -> str:
-    """Location of a key for messages: ``file.yaml: train.lr`` (or ``train.lr`` without a file)."""
+    """Location of a key for messages: ``file.yaml: train.lr`` (or ``train.lr`` without a file).
+    A file location ends with ":" (see ``load_config``)."""
     if where == "config":
         return key
-    return f"{where}.{key}" if ": " in where else f"{where}: {key}"
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
 
 
 def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
@@ -114,21 +115,21 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+        raise ConfigError(f"{where.rstrip(':')}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in data if k not in names]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{hint}")
+        raise ConfigError(f"{_join(where, str(unknown[0]))}: unknown key{hint}")
     kwargs = {k: _coerce(v, hints[k], _join(where, k)) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         if isinstance(e, LLGBMError):
             raise
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{where.rstrip(':')}: {e}") from None
 
 
 def apply_override(data: dict, override: str) -> None:
@@ -169,7 +170,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
             raise ConfigError(f"{path}: expected a mapping at the top level")
     for override in overrides:
         apply_override(data, override)
-    return from_dict(cls, data, where)
+    return from_dict(cls, data, where if path is None else f"{where}:")
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:

@@ -200,3 +200,18 @@ class FunctionalLoRA:
             return checkpoint(adapted(function), *args, **kwargs)
 
         return checkpoint_with_adapters
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Checkpoint the decoder layers of a frozen base model that stays in eval mode.
+
+    transformers checkpoints only modules in training mode (the backbone in 4.x, each decoder layer
+    in 5.x). Only those flags are set, non-recursively: attention, MLP and norm submodules stay in
+    eval mode, so nothing that depends on ``training`` (dropout) changes. Non-reentrant checkpointing,
+    so that ``FunctionalLoRA`` adapters get gradients.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backbone = get_backbone(model)
+    backbone.training = True
+    for layer in backbone.layers:
+        layer.training = True

@@ -1,0 +1,313 @@
+"""Generator training without DnD: ``Trainer(cfg).setup()``, ``.train()``, ``.cleanup()``.
+
+Each step: embed the condition prompts (cached), generate DnD tokens, and depending on the mode
+  * weight_only   L = λw·L_weight(tokens, teacher)                       (DnD's baseline)
+  * multitask     L = λw·L_weight + λd·L_delta(Δ(generated LoRA), Δ_teacher)
+  * delta_only    L = λd·L_delta                                          (weight loss logged only)
+  * delta_guided  L = λp·L(head(tokens), Δ_t) [+ λc·L(Δ, Δ_t) + λcons·L(head, sg Δ) every N steps]
+                      [+ λw·L_weight]
+where Δ of the generated LoRA comes from one batched differentiable forward of the frozen base model
+over (batch × probes) rows (``DeltaComputer``) and Δ_teacher from the DeltaCache (computed once on
+the main process). Runs on accelerate (DDP, bf16 autocast on GPU); checkpoints hold everything an
+exact resume needs; metrics go to ``metrics.jsonl`` (every loss component, grad norm, lr, step time,
+base-model forwards) and ``loss_curves.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..atomic import write_text
+from ..config import save_config, to_dict
+from ..data.teacher_set import load_teacher_set
+from ..generator.build import build_generator
+from ..generator.text_encoder import TextEncoder
+from ..losses import DeltaGuidedLoss, DeltaHead, DeltaWLoss, MultiTaskLoss, TokenMSELoss, WeightLoss
+from ..lora.tokens import detokenize
+from .checkpoint import RUN_INFO, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainingConfig
+from .data import StepBatches, batch_loader
+from .plots import plot_metrics
+
+
+class GeneratorWithHead(nn.Module):
+    """What is trained: the generator and, in delta_guided mode, its delta head (one module for DDP)."""
+
+    def __init__(self, generator: nn.Module, head: nn.Module | None = None):
+        super().__init__()
+        self.generator = generator
+        self.head = head
+
+    def forward(self, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = self.generator(condition)
+        return tokens, (self.head(tokens) if self.head is not None else None)
+
+
+class WarmupCosine:
+    """LR factor: linear warm-up, then cosine decay to ``floor``, constant after ``total`` steps."""
+
+    def __init__(self, warmup: int, total: int, floor: float):
+        self.warmup, self.total, self.floor = max(0, warmup), max(1, total), floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def config_digest(cfg: TrainingConfig) -> str:
+    """Digest of everything that must not change when a run is resumed (all but steps and intervals)."""
+    data = to_dict(cfg)
+    for key in ("steps", "save_every", "keep_checkpoints", "out_dir"):
+        data.pop(key)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """The training recipe. ``resume=True`` continues from ``<out_dir>/checkpoints/latest`` if present."""
+
+    def __init__(self, cfg: TrainingConfig, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.resume = resume
+        self.progress = progress
+        self.out = Path(cfg.out_dir)
+        self.start_step = 0
+        self.base_forwards = 0
+
+    # --- setup ----------------------------------------------------------------------------------
+    def setup(self) -> "Trainer":
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        cfg = self.cfg
+        # delta_guided steps without a computed delta leave the generator without gradient (λw = 0)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.loss.mode == "delta_guided")
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
+                                       kwargs_handlers=[ddp])
+        self.device = self.accelerator.device
+        torch.manual_seed(cfg.seed + self.accelerator.process_index)  # condition / target noise
+        teachers = load_teacher_set(cfg.data.teachers)
+        include = list(cfg.data.tasks) if cfg.data.tasks is not None else None
+        self.teachers = teachers.select(include=include, exclude=list(cfg.data.held_out))
+        self.layout = self.teachers.layout
+        self.encoder = TextEncoder(cfg.encoder)
+        head = DeltaHead(self.layout, dim=cfg.loss.head_dim) if cfg.loss.mode == "delta_guided" else None
+        self.trainable = GeneratorWithHead(build_generator(cfg.generator, self.layout), head)
+        self.optimizer = self._optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio))
+        self._setup_losses()
+        if cfg.loss.uses_delta:
+            self._setup_deltas()
+        self.digest = config_digest(cfg)
+        if self.resume and (path := latest_checkpoint(self.out)) is not None:
+            self.start_step = load_checkpoint(path, self.trainable, self.optimizer, self.scheduler, self.digest)
+            self.base_forwards = self._logged_base_forwards()
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.trainable, self.optimizer, self.scheduler)
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            info = {"base_model": self.teachers.model_name, "layout": self.layout.to_dict(),
+                    "tasks": self.teachers.task_names(), "held_out": list(cfg.data.held_out)}
+            write_text(self.out / RUN_INFO, json.dumps(info, indent=1) + "\n")
+        self.batches = StepBatches(
+            self.teachers, cfg.batch_size, cfg.generator.num_prompts, cfg.seed,
+            rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+            need_tokens=cfg.loss.weight_loss == "token", need_factors=cfg.loss.weight_loss != "token",
+        )
+        return self
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        params = [p for p in self.trainable.parameters() if p.requires_grad]
+        if o.eight_bit and torch.cuda.is_available():
+            try:
+                import bitsandbytes as bnb
+
+                return bnb.optim.AdamW8bit(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+            except ImportError:
+                pass
+        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+    def _setup_losses(self) -> None:
+        loss = self.cfg.loss
+        if loss.weight_loss == "token":
+            weight = None
+            if loss.criterion_weight:
+                from ..lora.criterion_weights import load_criterion_weight
+
+                weight = load_criterion_weight(loss.criterion_weight, self.layout)
+            self.weight_loss = TokenMSELoss(weight).to(self.device)
+        elif loss.weight_loss == "ab":
+            self.weight_loss = WeightLoss()
+        else:
+            self.weight_loss = DeltaWLoss(scaling=self.layout.scaling)
+        if loss.mode == "delta_guided":
+            self.guided = DeltaGuidedLoss(loss.lambda_pred, loss.lambda_computed, loss.lambda_consistency, loss.delta_kind)
+        else:
+            lambda_weight = 0.0 if loss.mode == "delta_only" else loss.lambda_weight
+            lambda_delta = 0.0 if loss.mode == "weight_only" else loss.lambda_delta
+            self.objective = MultiTaskLoss(self.weight_loss, lambda_weight, lambda_delta or 1.0, loss.delta_kind)
+            self.objective.lambda_delta = lambda_delta  # may be 0 (weight-only); 1.0 above only passes the check
+
+    def _setup_deltas(self) -> None:
+        """Frozen base model and DeltaComputer; teacher deltas from the cache (main process fills it)."""
+        from ..delta.cache import DeltaCache
+        from ..delta.deltas import DeltaComputer
+        from ..delta.probes import get_probe_set
+        from ..delta.teacher import cached_teacher_deltas, delta_context
+        from ..models.registry import load_base_model, resolve_base_model
+
+        d = self.cfg.delta
+        model_dir = resolve_base_model(self.teachers.model_name)
+        model, tokenizer = load_base_model(model_dir, dtype=self.cfg.dtype, device=self.device)
+        if d.gradient_checkpointing:
+            from ..delta.functional import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
+        probes = get_probe_set(d.probes, chat_template=True if d.chat_template else None)
+        self.computer = DeltaComputer(model, tokenizer, self.layout, probes, layer=d.layer)
+        cache = DeltaCache(d.cache or Path(self.cfg.data.teachers) / "deltas")
+        context = delta_context(self.computer, self.teachers.model_name, model_dir)
+        paths = [e.path for e in self.teachers.entries]
+        tasks = [e.task for e in self.teachers.entries]
+        with self.accelerator.main_process_first():  # rank 0 computes and stores; the others then read
+            deltas = cached_teacher_deltas(self.computer, cache, context, paths, tasks, d.batch_size,
+                                           progress=self.progress and self.accelerator.is_main_process)
+        self.teacher_deltas = deltas.to(self.device)  # (num_teachers, H)
+
+    def _logged_base_forwards(self) -> int:
+        """Base-model forwards counted up to the resumed step (from metrics.jsonl)."""
+        count = 0
+        for record in self._read_metrics():
+            if record["step"] < self.start_step:
+                count = record.get("base_forwards", count)
+        return int(count)
+
+    # --- training ---------------------------------------------------------------------------------
+    def lambda_delta(self, step: int) -> float:
+        loss = self.cfg.loss
+        if loss.mode == "weight_only":
+            return 0.0
+        ramp = 1.0 if loss.lambda_delta_warmup <= 0 else min(1.0, (step + 1) / loss.lambda_delta_warmup)
+        return loss.lambda_delta * ramp
+
+    def _loss_step(self, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        condition = self.encoder.condition(batch.prompts, cfg.generator.condition_level, self.device)
+        if cfg.loss.noise > 0:
+            condition = condition + cfg.loss.noise * torch.randn_like(condition)
+        with self.accelerator.autocast():
+            tokens, head_delta = self.model(condition)  # (B, N_tok, H, W), (B, H) or None
+        weight_pred = weight_target = None
+        if cfg.loss.weight_loss == "token":
+            target = batch.tokens.to(self.device)
+            if cfg.loss.noise > 0:
+                target = target + 0.1 * cfg.loss.noise * torch.randn_like(target)
+            weight_pred, weight_target = tokens, target
+        else:
+            weight_pred = detokenize(tokens, self.layout)
+            weight_target = {p: (a.to(self.device), b.to(self.device)) for p, (a, b) in batch.factors.items()}
+        teacher = self.teacher_deltas[batch.indices.to(self.device)] if cfg.loss.uses_delta else None
+        if cfg.loss.mode == "delta_guided":
+            computed = self._deltas(tokens) if step % cfg.loss.delta_every == 0 else None
+            result = self.guided(head_delta, teacher, computed)
+            loss = result["loss"]
+            with torch.set_grad_enabled(cfg.loss.lambda_weight > 0):
+                weight = self.weight_loss(weight_pred, weight_target)["loss"]
+            if cfg.loss.lambda_weight > 0:
+                loss = loss + cfg.loss.lambda_weight * weight
+            logs = {**result, "loss/weight": weight.detach()}
+        else:
+            self.objective.lambda_delta = self.lambda_delta(step)
+            delta_pred = self._deltas(tokens) if cfg.loss.uses_delta else None
+            result = self.objective(weight_pred=weight_pred, weight_target=weight_target,
+                                    delta_pred=delta_pred, delta_teacher=teacher)
+            loss = result["loss"]
+            logs = {**result, "lambda_delta": torch.tensor(self.objective.lambda_delta)}
+        logs["loss"] = loss.detach()
+        return loss, {k: float(v) for k, v in logs.items()}
+
+    def _deltas(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Δ of the generated LoRAs: one batched forward of the frozen base model."""
+        self.base_forwards += 1
+        return self.computer.deltas(detokenize(tokens.float(), self.layout))  # (B, H)
+
+    def train(self, until: int | None = None) -> dict[str, float]:
+        """Train from the start (or resumed) step to ``cfg.steps`` (or stop after step ``until``)."""
+        cfg, acc = self.cfg, self.accelerator
+        stop = cfg.steps if until is None else min(until, cfg.steps)
+        loader = batch_loader(self.batches, self.start_step, stop, cfg.data.num_workers)
+        self._truncate_metrics(self.start_step)
+        bar = tqdm(total=cfg.steps, initial=self.start_step, desc="train", unit="step",
+                   disable=not (self.progress and acc.is_main_process))
+        self.model.train()
+        last: dict[str, float] = {}
+        for batch in loader:
+            step = batch.step
+            started = time.perf_counter()
+            loss, logs = self._loss_step(batch, step)
+            acc.backward(loss)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if cfg.optim.max_grad_norm > 0:
+                grad_norm = acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            else:
+                grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            logs.update(step=step, lr=lr, grad_norm=float(grad_norm), step_time=time.perf_counter() - started,
+                        base_forwards=self.base_forwards)
+            if not all(math.isfinite(v) for k, v in logs.items() if k.startswith("loss")):
+                raise FloatingPointError(f"non-finite loss at step {step}: {logs}")
+            last = logs
+            if acc.is_main_process:
+                self._append_metrics(logs)
+                bar.set_postfix(loss=f"{logs['loss']:.4g}")
+            bar.update(1)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                self.save(step + 1)
+        bar.close()
+        return last
+
+    # --- saving -----------------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        """Checkpoint (main process) and refresh the loss curves."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_checkpoint(self.out, step, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
+                            self.digest, keep=self.cfg.keep_checkpoints)
+            plot_metrics(self._read_metrics(), self.out / "loss_curves.png")
+        acc.wait_for_everyone()
+
+    def _append_metrics(self, logs: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(logs) + "\n")
+
+    def _read_metrics(self) -> list[dict]:
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def _truncate_metrics(self, start: int) -> None:
+        """On resume, drop metrics of steps after the checkpoint (they will be logged again)."""
+        if not self.accelerator.is_main_process:
+            return
+        records = [r for r in self._read_metrics() if r["step"] < start]
+        write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+    def cleanup(self) -> None:
+        self.accelerator.wait_for_everyone()
+        self.accelerator.free_memory()

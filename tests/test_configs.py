@@ -1,0 +1,31 @@
+"""Every shipped run config loads, validates, and describes a generator that fits its layout."""
+
+import pytest
+
+from conftest import REPO_ROOT
+from llgbm_ext.config import load_config, save_config
+from llgbm_ext.generator.build import count_parameters
+from llgbm_ext.lora.layout import get_layout, layout_from_config
+from llgbm_ext.training import TrainingConfig
+
+LAYOUTS = {  # the layout each config's teachers have
+    "tiny": get_layout("tiny"),
+    "smollm2-135m-commonsense": layout_from_config(dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                                        num_attention_heads=9, num_key_value_heads=3)),
+    "qwen2.5-0.5b-commonsense": get_layout("qwen2.5-0.5b"),
+    "qwen2.5-1.5b-math": get_layout("qwen2.5-1.5b"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_shipped_config(name, tmp_path):
+    cfg = load_config(TrainingConfig, REPO_ROOT / "configs" / f"{name}.yaml")
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(TrainingConfig, tmp_path / "resolved.yaml") == cfg
+    assert count_parameters(cfg.generator, LAYOUTS[name]) > 0
+
+
+def test_qwen05b_config_is_dnd_sized():
+    cfg = load_config(TrainingConfig, REPO_ROOT / "configs" / "qwen2.5-0.5b-commonsense.yaml")
+    assert cfg.data.held_out == ("arc_e",)
+    assert abs(count_parameters(cfg.generator, LAYOUTS["qwen2.5-0.5b-commonsense"]) - 1.113e9) / 1.113e9 < 0.005

@@ -24,19 +24,6 @@ def register(sub, common) -> None:
     p.set_defaults(func=run)
 
 
-def adapter_task(path: Path) -> str:
-    """The task of an adapter: ``prompts.json``'s "task" if present, else its folder's name."""
-    prompts = path / "prompts.json" if path.is_dir() else None
-    if prompts is not None and prompts.is_file():
-        try:
-            task = json.loads(prompts.read_text()).get("task")
-            if isinstance(task, str) and task:
-                return task
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            pass
-    return path.parent.name
-
-
 def _rank_of(path: Path) -> tuple[int, float | None]:
     """(rank, alpha) of an adapter from its config, else from a lora_A tensor's shape."""
     from ..lora.adapters import CONFIG_NAME, load_adapter
@@ -53,6 +40,7 @@ def _rank_of(path: Path) -> tuple[int, float | None]:
 def run(args) -> int:
     import numpy as np
 
+    from ..data.adapter_tasks import adapter_task
     from ..delta.cache import DeltaCache
     from ..delta.deltas import DeltaComputer
     from ..delta.probes import get_probe_set
@@ -74,7 +62,7 @@ def run(args) -> int:
     computer = DeltaComputer(model, tokenizer, layout, probes, layer=args.layer)
     cache = DeltaCache(args.out)
     context = delta_context(computer, args.base_model, model_dir)
-    tasks = [adapter_task(p) for p in paths]
+    tasks = [adapter_task(p)[0] for p in paths]
     deltas = cached_teacher_deltas(computer, cache, context, paths, tasks, batch_size=args.batch_size).numpy()
     print(f"{args.out}: {len(paths)} deltas (H = {deltas.shape[1]}), probes {probes.name} ({probes.hash}), "
           f"base |v| = {float(np.linalg.norm(computer.base_activation.cpu().numpy())):.3f}")

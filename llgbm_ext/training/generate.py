@@ -104,6 +104,6 @@ def write_generated(trained: TrainedGenerator, named_prompts: dict[str, list[str
         state = state_dict_from_factors(one, trained.layout)
         name = task if samples == 1 else f"{task}_{s}"
         written.append(save_peft_adapter(state, out / name, trained.layout, base_model_name_or_path=trained.base_model,
-                                         extra_json={"prompts.json": {"task": task, "prompts": chosen}}))
+                                         extra_json={"prompts.json": {"task": task, "prompts": chosen, "generated": True}}))
         save_dnd_checkpoint(state, out / "dnd" / task / f"{s}.safetensors", trained.layout)
     return written

@@ -17,6 +17,9 @@ def test_plain_format_styles():
     assert candidates(MC, letter) == [" [A]", " [B]"] and target(MC, letter) == " [B]"
     assert candidates(BOOL, letter) == [" [True]", " [False]"] and target(BOOL, cloze) == " True"
     assert target(EXACT, cloze) == " 5"
+    bare = PromptFormat("cloze")
+    assert context(MC, bare) == "Which is hot?\nAnswer:" and candidates(MC, bare) == [" ice", " fire"]
+    assert context(BOOL, bare) == "is fire hot?\nAnswer:"  # no listed options: the prompt as is
 
 
 def test_chat_format_uses_the_tokenizer_template(tiny_model):

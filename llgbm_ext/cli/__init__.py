@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from ..errors import LLGBMError
-from . import criterion_weights, data, demo, model, tokens
+from . import criterion_weights, data, deltas, demo, dnd, eval, generate, model, tokens, train
 
-SUBCOMMANDS = (criterion_weights, data, demo, model, tokens)
+SUBCOMMANDS = (criterion_weights, data, deltas, demo, dnd, eval, generate, model, tokens, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,7 +50,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", nargs="+", default=[], metavar="PATH",
                    help="trained adapters: PEFT directories, DnD <step>.safetensors files, or folders of them")
     p.add_argument("--generated", nargs="+", default=[], metavar="PATH", help="generated adapters (same forms)")
-    p.add_argument("--format", choices=["option", "letter"], default="option",
+    p.add_argument("--format", choices=["option", "cloze", "letter"], default="option",
                    help="answer style teachers were trained with: option text (default) or DnD's [B]")
     p.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--use-system", action="store_true", help="include the records' system prompts (chat template only)")

@@ -1,0 +1,99 @@
+"""``llgbm dnd``: set up a DnD checkout for the plugin.
+
+    llgbm dnd overlay --dnd-root DIR          lay workspace_overrides/ over DIR/workspace/
+    llgbm dnd teachers --dnd-root DIR --config FILE.yaml FOLDER...
+                                              fill the DeltaCache with the teacher deltas of FOLDER/*.safetensors
+
+``overlay`` copies the LLGBM configs, probe sets and the CPU smoke task into DnD's ``workspace/``
+(``main/`` and ``llgbm/``; never the overrides' README), atomically per file; a different existing
+file is an error unless ``--force``. ``teachers`` runs the precomputation the loss hook does on the
+first delta step (rank 0), ahead of training, so a multi-GPU run does not wait on it; run it with
+the training's device kind (or an explicit ``dtype`` in the config): the dtype is part of the cache key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from ..atomic import atomic_path
+from ..errors import LLGBMError
+
+OVERLAY_PARTS = ("main", "llgbm")  # the subfolders of workspace_overrides/ laid over DnD's workspace/
+
+
+class OverlayError(LLGBMError):
+    """The overrides or the DnD checkout cannot be used for an overlay."""
+
+
+def register(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("dnd", parents=[common], help="set up a DnD checkout for the plugin (overlay, teacher deltas)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    o = actions.add_parser("overlay", parents=[common], help="lay workspace_overrides/ over DnD's workspace/")
+    o.add_argument("--dnd-root", required=True, metavar="DIR", help="root of the DnD checkout (holds workspace/dnd)")
+    o.add_argument("--source", metavar="DIR", help="the overrides folder (default: workspace_overrides/ of this checkout)")
+    o.add_argument("--force", action="store_true", help="replace existing files that differ")
+    o.set_defaults(func=run_overlay)
+
+    t = actions.add_parser("teachers", parents=[common], help="precompute teacher deltas into the DeltaCache")
+    t.add_argument("--dnd-root", required=True, metavar="DIR", help="root of the DnD checkout (relative config paths)")
+    t.add_argument("--config", metavar="FILE.yaml", help="the plugin config used for training")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("folders", nargs="+", metavar="FOLDER", help="DnD checkpoint folders (<step>.safetensors files)")
+    t.set_defaults(func=run_teachers)
+
+
+def default_source() -> Path:
+    return Path(__file__).resolve().parents[2] / "workspace_overrides"
+
+
+def overlay(source: Path, dnd_root: Path, force: bool = False) -> list[Path]:
+    """Copy ``source/{main,llgbm}/**`` into ``dnd_root/workspace/``; returns the files written."""
+    if not (dnd_root / "workspace" / "dnd").is_dir():
+        raise OverlayError(f"{dnd_root}: not a DnD checkout (no workspace/dnd)")
+    files = sorted(f for part in OVERLAY_PARTS if (source / part).is_dir() for f in (source / part).rglob("*")
+                   if f.is_file() and "__pycache__" not in f.parts)
+    if not files:
+        raise OverlayError(f"{source}: no overrides found under {', '.join(OVERLAY_PARTS)}/")
+    targets = [dnd_root / "workspace" / f.relative_to(source) for f in files]
+    clashes = [t for f, t in zip(files, targets) if t.exists() and t.read_bytes() != f.read_bytes()]
+    if clashes and not force:
+        raise OverlayError(f"{clashes[0]}: exists and differs from the override (use --force to replace)")
+    written = []
+    for file, target in zip(files, targets):
+        if target.exists() and target.read_bytes() == file.read_bytes():
+            continue
+        with atomic_path(target) as tmp:
+            shutil.copyfile(file, tmp)
+        written.append(target)
+    return written
+
+
+def run_overlay(args) -> int:
+    source = Path(args.source) if args.source else default_source()
+    if not source.is_dir():
+        raise OverlayError(f"{source}: no such overrides folder (pass --source; it ships with the source checkout)")
+    written = overlay(source, Path(args.dnd_root), args.force)
+    print(f"llgbm dnd overlay: {len(written)} file(s) written under {Path(args.dnd_root) / 'workspace'}")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+def run_teachers(args) -> int:
+    import torch
+
+    from ..dnd.config import load_plugin_config
+    from ..dnd.loss import DeltaTerm
+    from ..lora.adapters import list_adapters
+
+    config = load_plugin_config(args.config, args.set)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    files = [str(path) for folder in args.folders for path in list_adapters(folder)]
+    term = DeltaTerm.build(config, Path(args.dnd_root).resolve(), files, device)
+    count = len(term.teachers.row_of)
+    print(f"llgbm dnd teachers: {count} teacher delta(s) of {len(files)} file(s) in the DeltaCache")
+    return 0

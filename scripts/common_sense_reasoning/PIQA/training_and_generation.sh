@@ -1,0 +1,30 @@
+#!/bin/bash
+# DnD's scripts/common_sense_reasoning/PIQA/training_and_generation.sh with the llgbm_ext delta term in training,
+# then `llgbm eval` of the generated adapters. Run it from the root of a DnD checkout, as DnD's own script, after
+# `llgbm dnd overlay --dnd-root .`:
+#   bash /path/to/llgbm_ext/scripts/common_sense_reasoning/PIQA/training_and_generation.sh
+# LLGBM_CONFIG picks another plugin config; LLGBM_EVAL_ARGS adds `llgbm eval` options (e.g. "--limit 200").
+set -euo pipefail
+LLGBM_SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+DND_ROOT="$PWD"
+LLGBM_CONFIG="${LLGBM_CONFIG:-$DND_ROOT/workspace/llgbm/configs/common_sense_reasoning.yaml}"
+
+cd "$DND_ROOT/workspace/main"
+bash "$LLGBM_SCRIPTS/launch_llgbm.sh" tasks/common_sense_reasoning/train_qwen0.5lora_PIQA.py 4 --llgbm-config "$LLGBM_CONFIG"
+
+export CUDA_VISIBLE_DEVICES=0,1
+# Qwen0.5B has 14 attention heads and can only parallel on 2 or 7 GPUs (DnD's note)
+STEPS="200 400 600 800 1000"
+for step in $STEPS; do
+    python generate/qwen0.5lora_generation_common_sense_reasoning.py --eval_dataset "PIQA$step" --test_dataset PIQA
+done
+
+cd "$DND_ROOT"
+generated=()
+for step in $STEPS; do
+    generated+=("./generated/common_sense_reasoning/PIQA${step}T_on_PIQAV")
+done
+# shellcheck disable=SC2086  # LLGBM_EVAL_ARGS holds several options
+llgbm eval --base-model ./models/Qwen2.5-0.5B-Instruct --tasks PIQA --data-dir ./prepare/data \
+    --generated "${generated[@]}" --format letter --chat-template --use-system \
+    --out ./results/llgbm/common_sense_reasoning/PIQA ${LLGBM_EVAL_ARGS:-}

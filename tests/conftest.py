@@ -1,10 +1,14 @@
 """Shared fixtures. Tests run offline against a private cache, so they never touch the user's."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Set before anything imports llgbm_ext / transformers, and inherited by CLI subprocesses.
-os.environ.setdefault("LLGBM_CACHE", tempfile.mkdtemp(prefix="llgbm-test-cache-"))
+if "LLGBM_CACHE" not in os.environ:
+    os.environ["LLGBM_CACHE"] = tempfile.mkdtemp(prefix="llgbm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LLGBM_CACHE"], ignore_errors=True)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -12,6 +12,7 @@ from llgbm_ext.cli.eval import collect_adapters
 from llgbm_ext.data.adapter_tasks import adapter_task, match_task
 from llgbm_ext.data.formatting import PromptFormat
 from llgbm_ext.data.synthetic import get_synthetic_task
+from llgbm_ext.models.registry import load_base_model
 from llgbm_ext.eval.scoring import ScoringConfig, evaluate_task
 from llgbm_ext.lora.adapters import save_dnd_checkpoint, save_peft_adapter
 from llgbm_ext.lora.factors import random_factors, state_dict_from_factors
@@ -27,12 +28,12 @@ def write_adapter(path, seed, **kwargs):
     return save_peft_adapter(state_dict_from_factors(factors, LAYOUT), path, LAYOUT, **kwargs)
 
 
-def test_end_to_end_with_trained_and_generated_adapters(tmp_path, capsys, tiny_model):
+def test_end_to_end_with_trained_and_generated_adapters(tmp_path, capsys):
     write_adapter(tmp_path / "teachers" / "category_food_0", 0)
-    write_adapter(tmp_path / "teachers" / "after_2_0", 1)
+    write_adapter(tmp_path / "teachers" / "kind_2_0", 1)
     write_adapter(tmp_path / "gen" / "out0", 2, extra_json={"prompts.json": {"task": "category_food", "generated": True}})
     out = tmp_path / "report"
-    code = main(["eval", "--base-model", "tiny", "--synthetic", "--tasks", "category_food", "after_2", "add_1",
+    code = main(["eval", "--base-model", "tiny", "--synthetic", "--tasks", "category_food", "kind_2", "shift_1",
                  "--adapters", str(tmp_path / "teachers"), "--generated", str(tmp_path / "gen"), "--limit", "4",
                  "--max-new-tokens", "3", "--adapters-per-forward", "2", "--probes", "generic", "--out", str(out),
                  "--no-progress"])
@@ -44,17 +45,17 @@ def test_end_to_end_with_trained_and_generated_adapters(tmp_path, capsys, tiny_m
     for name in ("accuracy.png", "delta_cosines.png"):
         assert (out / name).read_bytes()[:8] == PNG if HAS_MATPLOTLIB else not (out / name).exists()
     report = json.loads((out / "results.json").read_text())
-    assert [m["label"] for m in report["models"]] == ["base", "after_2_0", "category_food_0", "out0"]
-    assert [m["task"] for m in report["models"]][1:] == ["after_2", "category_food", "category_food"]
+    assert [m["label"] for m in report["models"]] == ["base", "category_food_0", "kind_2_0", "out0"]
+    assert [m["task"] for m in report["models"]][1:] == ["category_food", "kind_2", "category_food"]
     assert report["models"][3]["role"] == "generated"
     assert len(report["results"]) == 4 * 3 and all(r["total"] == 4 for r in report["results"])
     behaviour = report["behaviour"]
-    assert behaviour["teacher_tasks"] == ["after_2", "category_food"] and len(behaviour["adapters"]) == 1
+    assert behaviour["teacher_tasks"] == ["category_food", "kind_2"] and len(behaviour["adapters"]) == 1
     assert any("random or nonsense prompts" in note for note in report["notes"])
     # the command's base result is what the library computes directly
     base = next(r for r in report["results"] if r["model"] == "base" and r["task"] == "category_food")
     task = get_synthetic_task("category_food")
-    (direct,) = evaluate_task(*tiny_model, task, ScoringConfig(fmt=PromptFormat(), progress=False), limit=4)
+    (direct,) = evaluate_task(*load_base_model("tiny"), task, ScoringConfig(fmt=PromptFormat(), progress=False), limit=4)
     assert base["correct"] == direct.correct
     torch.testing.assert_close(torch.tensor([e["scores"] for e in base["examples"]]),
                                torch.tensor([e.scores for e in direct.examples]), rtol=0, atol=1e-5)
@@ -62,7 +63,7 @@ def test_end_to_end_with_trained_and_generated_adapters(tmp_path, capsys, tiny_m
 
 def test_missing_adapter_is_one_line_and_exit_2(tmp_path, capsys):
     missing = tmp_path / "nope"
-    code = main(["eval", "--base-model", "tiny", "--synthetic", "--tasks", "add_1", "--adapters", str(missing),
+    code = main(["eval", "--base-model", "tiny", "--synthetic", "--tasks", "shift_1", "--adapters", str(missing),
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2
@@ -71,13 +72,13 @@ def test_missing_adapter_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_unknown_task_and_bad_arguments(tmp_path, capsys):
-    assert main(["eval", "--base-model", "tiny", "--synthetic", "--tasks", "add_99"]) == 2
-    assert "unknown synthetic task 'add_99'" in capsys.readouterr().err
+    assert main(["eval", "--base-model", "tiny", "--synthetic", "--tasks", "shift_99"]) == 2
+    assert "unknown synthetic task 'shift_99'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "--base-model", "tiny", "--synthetic", "--tasks", "add_1", "--limit", "0"])
+        main(["eval", "--base-model", "tiny", "--synthetic", "--tasks", "shift_1", "--limit", "0"])
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):  # --data-dir and --synthetic exclude each other
-        main(["eval", "--base-model", "tiny", "--synthetic", "--data-dir", str(tmp_path), "--tasks", "add_1"])
+        main(["eval", "--base-model", "tiny", "--synthetic", "--data-dir", str(tmp_path), "--tasks", "shift_1"])
 
 
 def test_task_of_an_adapter(tmp_path):

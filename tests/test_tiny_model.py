@@ -37,7 +37,7 @@ def test_architecture(tiny_model):
 
 
 def test_resolve_tiny_is_cached(tiny_model_dir):
-    assert resolve_base_model("tiny") == tiny_model_dir
+    assert resolve_base_model("tiny-random") == tiny_model_dir
     assert json.loads((tiny_model_dir / "llgbm_model.json").read_text())["name"] == "tiny"
 
 

@@ -13,8 +13,8 @@ An adapter's task, used to mark its own task in the tables and for delta specifi
 that file is a JSON object with a ``"task"`` key; ``"generated": true`` there marks a generated
 adapter. Otherwise it is the adapter's own name (PEFT directory name or file stem), else its folder's
 name, matched against the evaluated tasks case-insensitively with ``-`` read as ``_``: an exact match,
-or the longest task name followed by ``_`` or ``.`` (``add_3_seed1`` -> ``add_3``; ``add_30`` is
-not ``add_3``); DnD's folder names (``ARC-e``) thus give ``arc_e``.
+or the longest task name followed by ``_`` or ``.`` (``kind_3_seed1`` -> ``add_3``; ``kind_30`` is
+not ``kind_3``); DnD's folder names (``ARC-e``) thus give ``arc_e``.
 
 ``--probes SET`` also computes every adapter's Δ on the probe set: with generated adapters and
 trained adapters of at least two tasks it reports cosine, specificity and top-1 of each generated Δ
@@ -46,7 +46,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="tasks to evaluate (their test split)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-dir", metavar="DIR", help="directory of DnD task files (<Name>_test.json ...)")
-    source.add_argument("--synthetic", action="store_true", help="tasks of the embedded synthetic suite (add_3, category_food ...)")
+    source.add_argument("--synthetic", action="store_true", help="tasks of the embedded synthetic suite (kind_3, category_food ...)")
     p.add_argument("--adapters", nargs="+", default=[], metavar="PATH",
                    help="trained adapters: PEFT directories, DnD <step>.safetensors files, or folders of them")
     p.add_argument("--generated", nargs="+", default=[], metavar="PATH", help="generated adapters (same forms)")

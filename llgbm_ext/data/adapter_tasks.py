@@ -2,8 +2,8 @@
 
 Order: the ``"task"`` key of ``prompts.json`` / ``manifest.json`` beside the adapter; else its own
 name, then its folder's name, matched against known task names (case-insensitive, ``-`` read as
-``_``; an exact match or the longest task name followed by ``_`` or ``.``, so ``add_3_seed1`` is
-``add_3`` but ``add_30`` is not, and DnD's ``ARC-e`` folder is ``arc_e``).
+``_``; an exact match or the longest task name followed by ``_`` or ``.``, so ``kind_3_seed1`` is
+``kind_3`` but ``kind_30`` is not, and DnD's ``ARC-e`` folder is ``arc_e``).
 """
 
 from __future__ import annotations

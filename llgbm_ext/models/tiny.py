@@ -20,7 +20,7 @@ import torch
 from ..atomic import build_once
 from ..paths import cache_dir
 
-TINY_VERSION = 1  # bump when the architecture, corpus or initialisation below changes
+TINY_VERSION = 2  # bump when the architecture, corpus or initialisation below changes
 SEED = 1234
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -54,6 +54,13 @@ _WORDS = (
     "big small fast slow old new good bad left right up down day night year time people world food home "
     "math code science history story poem list example result value step steps total equal because so then"
 ).split()
+# Vocabulary of the synthetic task suite (llgbm_ext.data.synthetic) and of the pretraining corpus
+# (models.pretrain), so each of their words and letters is one token; tests/test_synthetic.py checks it.
+_SUITE_WORDS = (
+    "pink brown horse cow pig duck bread milk rice apple cake egg meat soup hand foot head arm leg eye ear nose "
+    "star sea hill rock river colour animal body part nature smallest Kind Shift Which Copy Sort Answer "
+    "gives moved item sorted system user assistant"
+).split()
 
 
 def tokenizer_corpus() -> list[str]:
@@ -62,8 +69,10 @@ def tokenizer_corpus() -> list[str]:
     lines += [" ".join(w.capitalize() for w in _WORDS[i : i + 8]) + "." for i in range(0, len(_WORDS), 8)]
     lines += [" ".join(str(n) for n in range(k, k + 25)) for k in range(0, 1000, 25)]
     lines += [" ".join(f"{a} + {b} = {a + b}" for b in range(10)) for a in range(20)]
+    suite = _WORDS + _SUITE_WORDS
+    lines += ([" " + " ".join(suite[i : i + 10]) for i in range(0, len(suite), 10)] + suite) * 3  # and at line start
     letters = "abcdefghijklmnopqrstuvwxyz"
-    lines += [" ".join(letters), " ".join(letters.upper()), letters, letters.upper()]
+    lines += [" ".join(letters), " ".join(letters.upper()), letters, letters.upper(), *letters]
     lines += [" ".join(f"{x}{y}" for y in letters[:10]) for x in letters]
     lines += [f"{q}\nA: {a}\nB: {b}\nAnswer: [{c}]" for q, a, b, c in itertools.islice(
         zip(itertools.cycle(["Which is larger?", "Which word is first?", "What is the answer?"]),

@@ -1,7 +1,8 @@
 """The ``llgbm`` command. Each subcommand lives in its own module with ``register(subparsers)``.
 
-Bad input ends with one line on stderr naming the file or argument and exit status 2; ``--debug``
-shows the traceback instead.
+Bad input ends with one line on stderr naming the file or argument and exit status 2; a failed
+read or write of the system (disk full, permission denied ...) with one line naming the file and
+exit status 1. ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import argparse
 import sys
 
 from ..errors import LLGBMError
-from . import criterion_weights, data, deltas, demo, dnd, eval, generate, model, tokens, train
+from . import ablate, criterion_weights, data, deltas, demo, dnd, eval, generate, model, teachers, tokens, train
 
-SUBCOMMANDS = (criterion_weights, data, deltas, demo, dnd, eval, generate, model, tokens, train)
+SUBCOMMANDS = (ablate, criterion_weights, data, deltas, demo, dnd, eval, generate, model, teachers, tokens, train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,11 +37,22 @@ def main(argv: list[str] | None = None) -> int:
     except LLGBMError as e:
         if args.debug:
             raise
-        print(f"llgbm {args.command}: error: {e}", file=sys.stderr)
+        print(f"llgbm {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"llgbm {args.command}: error: {where}{_one_line(e.strerror or str(e))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"llgbm {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(message: str) -> str:
+    """The first line of a message (some library errors carry a second, explanatory paragraph)."""
+    return next((line.strip() for line in message.splitlines() if line.strip()), message)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""The tasks a teacher run trains on: real DnD task files or the synthetic suite, and where DnD files them.
+
+Task names are as users type them: ``arc_e boolq gsm8k …`` with ``--data-dir`` (DnD's file names come
+from ``data.dnd_format``), or synthetic names (``kind_3``), family names (``kind`` = every member) or
+``all``. DnD keeps one folder of checkpoints per data set, ``data/<family>/<Dataset>/``: real tasks go
+under ``common_sense_reasoning`` (multiple choice, True/False) or ``math`` (exact answers) with DnD's
+data set name, synthetic ones under ``synthetic-<family>`` with the task name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.dnd_format import TASKS, load_task, split_paths, task_spec
+from ..data.records import Task
+from ..data.synthetic import FAMILIES, TASK_FAMILIES, SuiteConfig, get_synthetic_task
+from .config import TeacherError
+
+REAL_FAMILIES = {"mc": "common_sense_reasoning", "bool": "common_sense_reasoning", "exact": "math"}
+
+
+@dataclass
+class TeacherTask:
+    """A task with its DnD folder and the condition prompts the manifest lists."""
+
+    task: Task
+    family: str  # the task's family: the synthetic family, or DnD's family folder for real tasks
+    dnd_folder: str  # data/<family>/<Dataset>, relative to the output directory
+    prompts: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+
+def expand_task_names(names: list[str], data_dir: str | None) -> list[str]:
+    """``all`` and synthetic family names expanded, real names normalised (``ARC-e`` -> ``arc_e``); order kept."""
+    out: list[str] = []
+    for name in names:
+        if data_dir is None:
+            if name == "all":
+                found = list(TASK_FAMILIES)
+            elif name in FAMILIES:
+                found = [FAMILIES[name].task_name(p) for p in FAMILIES[name].params]
+            elif name in TASK_FAMILIES:
+                found = [name]
+            else:
+                raise TeacherError(f"--tasks: unknown synthetic task {name!r}: use all, a family "
+                                   f"({', '.join(FAMILIES)}) or a member such as kind_3")
+        elif name == "all":
+            found = [s.name for s in TASKS.values() if any(p.is_file() for p in split_paths(data_dir, s, "train"))]
+            if not found:
+                raise TeacherError(f"--data-dir {data_dir}: no training file of any known task ({', '.join(TASKS)})")
+        else:
+            found = [task_spec(name).name]
+        out += [t for t in found if t not in out]
+    return out
+
+
+def load_teacher_tasks(names: tuple[str, ...], data_dir: str | None, max_prompts: int,
+                       with_test: bool = True) -> list[TeacherTask]:
+    """Load every task; real tasks with their test split if ``with_test`` (it scores base and teacher)."""
+    tasks = []
+    for name in names:
+        if data_dir is None:
+            task = get_synthetic_task(name, SuiteConfig())
+            family = task.family or name
+            tasks.append(TeacherTask(task, family, f"data/synthetic-{family}/{name}", list(task.conditions)))
+        else:
+            task = load_task(Path(data_dir), name, splits=("train", "test") if with_test else ("train",))
+            family = REAL_FAMILIES[task.kind]
+            tasks.append(TeacherTask(task, family, f"data/{family}/{task_spec(name).dnd_name}",
+                                     task.conditions[:max_prompts]))
+    return tasks

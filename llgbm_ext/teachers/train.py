@@ -1,0 +1,158 @@
+"""Batched LoRA training: the teachers of K tasks trained at once on one frozen base model.
+
+The LoRA factors of K tasks are leaf tensors with a leading K dim (``A: (K, L, r, in)``,
+``B: (K, L, out, r)``). One forward of ``FunctionalLoRA`` runs K·P sequences, rows k·P … (k+1)·P − 1
+through task k's adapter; the loss is the sum over tasks of each task's mean cross-entropy on its
+answer tokens (the prompt is masked). Since the factors of different tasks share nothing, the
+gradient of task k's factors is the gradient of its own loss; AdamW acts element by element and
+gradients are clipped per task, so every task follows exactly the trajectory of a PEFT LoRA trained
+on it alone (kaiming-uniform A, zero B, scaling alpha / r, no dropout), at about the cost of one
+forward instead of K (tests/test_teachers.py checks steps against PEFT).
+
+A group's training state (factors, optimizer, step, RNG) is saved atomically every ``save_every``
+steps; a run that was killed continues from the last one, and since a step's batch depends only on
+(seed, task, step), the continued run computes what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..atomic import atomic_dir
+from ..delta.functional import FunctionalLoRA, get_backbone
+from ..lora.factors import LoraFactors, state_dict_from_factors
+from ..lora.layout import LoraLayout
+from .batches import Batch, EncodedTask, make_batch, step_indices, task_seed
+from .config import TeacherConfig, TeacherError
+
+
+def init_factors(layout: LoraLayout, names: list[str], seed: int) -> LoraFactors:
+    """PEFT's initialisation per task (A ~ U(±1/√in), i.e. kaiming-uniform with a = √5; B = 0), seeded by
+    (seed, task), stacked into trainable leaf tensors with leading dim K."""
+    factors = {}
+    generators = [torch.Generator().manual_seed(task_seed(seed, name)) for name in names]
+    for proj in layout.targets:
+        a_shape, b_shape = layout.factor_shapes(proj)
+        bound = 1.0 / math.sqrt(a_shape[1])
+        a = torch.stack([(torch.rand(layout.num_layers, *a_shape, generator=g) * 2 - 1) * bound for g in generators])
+        b = torch.zeros(len(names), layout.num_layers, *b_shape)
+        factors[proj] = (a.requires_grad_(True), b.requires_grad_(True))
+    return factors
+
+
+def task_losses(model: nn.Module, lora: FunctionalLoRA, factors: LoraFactors, batch: Batch) -> Tensor:
+    """(K,) mean cross-entropy of each task's target tokens; the LM head runs on those positions only."""
+    k = next(iter(factors.values()))[0].shape[0]
+    rows = batch.input_ids.shape[0]
+    with lora.apply(factors):
+        hidden = get_backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     use_cache=False).last_hidden_state  # (K*P, T, H)
+    logits = model.get_output_embeddings()(hidden[batch.predicts]).float()  # (M, V)
+    nll = F.cross_entropy(logits, batch.targets, reduction="none")  # (M,)
+    task = (torch.arange(rows, device=nll.device)[:, None] // (rows // k)).expand_as(batch.predicts)[batch.predicts]
+    sums = torch.zeros(k, device=nll.device).index_add(0, task, nll)
+    return sums / torch.bincount(task, minlength=k).clamp(min=1)
+
+
+def clip_per_task(factors: LoraFactors, max_norm: float) -> Tensor:
+    """Clip each task's gradient to ``max_norm`` (as ``clip_grad_norm_`` over that task's parameters); returns the norms."""
+    grads = [t.grad for pair in factors.values() for t in pair]
+    norms = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()  # (K,)
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+    return norms
+
+
+def learning_rate(step: int, config: TeacherConfig) -> float:
+    """Learning rate of 0-based ``step``: linear warm-up, then cosine to ``min_lr_ratio``·lr at the last step."""
+    if step < config.lr_warmup:
+        return config.lr * (step + 1) / config.lr_warmup
+    progress = (step - config.lr_warmup) / max(1, config.total_steps - config.lr_warmup - 1)
+    floor = config.min_lr_ratio
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class GroupTrainer:
+    """Trains the teachers of one group of tasks together and saves / restores its state under ``state_dir``."""
+
+    def __init__(self, model: nn.Module, layout: LoraLayout, tasks: list[EncodedTask], config: TeacherConfig,
+                 state_dir: str | os.PathLike):
+        self.model, self.layout, self.tasks, self.config = model, layout, tasks, config
+        self.state_dir = Path(state_dir)
+        self.names = [t.name for t in tasks]
+        self.device = next(model.parameters()).device
+        self.lora = FunctionalLoRA(model, layout)
+        self.factors = {p: tuple(t.detach().to(self.device).requires_grad_(True) for t in ab)
+                        for p, ab in init_factors(layout, self.names, config.seed).items()}
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=config.weight_decay)
+        self.step = 0  # optimizer steps done
+
+    def parameters(self) -> list[Tensor]:
+        return [t for proj in self.layout.targets for t in self.factors[proj]]
+
+    def batch(self, step: int) -> Batch:
+        indices = [step_indices(len(t), self.config.batch_size, self.config.seed, t.name, step) for t in self.tasks]
+        b = make_batch(self.tasks, indices)
+        return Batch(*(x.to(self.device) for x in (b.input_ids, b.attention_mask, b.predicts, b.targets)))
+
+    def train_step(self) -> Tensor:
+        """One optimizer step for every task; returns the (K,) losses before it."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, self.config)
+        losses = task_losses(self.model, self.lora, self.factors, self.batch(self.step))
+        losses.sum().backward()
+        clip_per_task(self.factors, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return losses.detach().cpu()
+
+    def adapter(self, k: int) -> dict[str, Tensor]:
+        """Task k's current adapter as a PEFT state dict (CPU copies)."""
+        return state_dict_from_factors({p: (a[k].detach().cpu(), b[k].detach().cpu()) for p, (a, b) in self.factors.items()},
+                                       self.layout)
+
+    # --- training state ---------------------------------------------------------------------------
+    def save_state(self) -> None:
+        """Factors, optimizer, step and RNG, atomically (a kill while saving leaves the previous state)."""
+        tensors = {f"{p}.{f}": t.detach().cpu().contiguous() for p, ab in self.factors.items() for f, t in zip("AB", ab)}
+        with atomic_dir(self.state_dir) as tmp:
+            save_file(tensors, str(tmp / "factors.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "tasks": self.names,
+                                                        "digest": self.config.digest()}) + "\n")
+
+    def load_state(self) -> bool:
+        """Restore the saved state if there is one; False if none."""
+        info_file = self.state_dir / "state.json"
+        if not info_file.is_file():
+            return False
+        try:
+            info = json.loads(info_file.read_text())
+            tensors = load_file(str(self.state_dir / "factors.safetensors"))
+            optimizer = torch.load(self.state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+            rng = load_file(str(self.state_dir / "rng.safetensors"))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise TeacherError(f"{self.state_dir}: unreadable training state ({str(e).splitlines()[0]}); "
+                               "delete the directory to start this group again") from None
+        if info.get("tasks") != self.names or info.get("digest") != self.config.digest():
+            raise TeacherError(f"{self.state_dir}: saved by a run with other tasks or settings; use another --out")
+        with torch.no_grad():
+            for p, ab in self.factors.items():
+                for f, t in zip("AB", ab):
+                    t.copy_(tensors[f"{p}.{f}"])
+        self.optimizer.load_state_dict(optimizer)
+        torch.set_rng_state(rng["cpu"])
+        self.step = int(info["step"])
+        return True

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create ./.venv and install llgbm_ext into it, with a torch build that fits this machine.
 #   bash scripts/setup.sh          # runtime only
-#   bash scripts/setup.sh --dev    # plus pytest, matplotlib, scikit-learn (tests, plots)
+#   bash scripts/setup.sh --dev    # plus pytest, matplotlib, scikit-learn, deepspeed (tests, plots)
 # Without an NVIDIA GPU the CPU build of torch is installed first (never the multi-GB CUDA build):
 # from PyTorch's CPU index when it is reachable, otherwise the pinned torch==2.13.0, which pip
 # takes from a local wheel where the machine carries one. Re-running is cheap and safe.
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 extras=""
 case "${1:-}" in
-  --dev) extras="[dev,plots]" ;;
+  --dev) extras="[dev,plots,deepspeed]" ;;
   "") ;;
   *) echo "usage: bash scripts/setup.sh [--dev]" >&2; exit 2 ;;
 esac
@@ -31,6 +31,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 # torch is already satisfied here, so the project's dependencies never pull another build.
-"${pip[@]}" -e ".${extras}"
+# DeepSpeed compiles no ops at install (DS_BUILD_OPS=0); on CPU it JIT-compiles one on first use.
+DS_BUILD_OPS=0 "${pip[@]}" -e ".${extras}"
 "${pip[@]}" --no-deps -r scripts/offline-assets.txt
 echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

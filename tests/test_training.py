@@ -29,11 +29,11 @@ def _losses(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode, key", [("weight_only", "loss/weight"), ("multitask", "loss"),
-                                       ("delta_only", "loss/delta"), ("delta_guided", "loss/pred")])
-def test_every_mode_lowers_its_loss(mode, key, teachers, tmp_path):
+@pytest.mark.parametrize("mode, key, lr", [("weight_only", "loss/weight", "1e-2"), ("multitask", "loss", "3e-3"),
+                                           ("delta_only", "loss/delta", "3e-3"), ("delta_guided", "loss/pred", "1e-2")])
+def test_every_mode_lowers_its_loss(mode, key, lr, teachers, tmp_path):
     # batch = all 6 teachers, so every step sees the same adapters and the loss must fall steadily
-    cfg = _config(teachers, tmp_path, f"loss.mode={mode}", "steps=12", "batch_size=6", "optim.lr=1e-2",
+    cfg = _config(teachers, tmp_path, f"loss.mode={mode}", "steps=12", "batch_size=6", f"optim.lr={lr}",
                   "loss.delta_every=3", "save_every=12")
     Trainer(cfg, progress=False).setup().train()
     records = _losses(tmp_path)

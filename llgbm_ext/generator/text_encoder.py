@@ -301,7 +301,7 @@ class TextEncoder:
         size = self.config.batch_size
         out = []
         for start in tqdm(range(0, len(texts), size), desc="encoding prompts", unit="batch",
-                          disable=len(texts) <= size):
+                          disable=True if len(texts) <= size else None):  # None: only on a terminal
             batch = texts[start : start + size]
             if self.config.kind == "base-model":
                 enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.config.max_length,

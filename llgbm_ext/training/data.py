@@ -47,6 +47,8 @@ class StepBatches(torch.utils.data.Dataset):
         empty = [t for t in teachers.task_names() if not teachers.prompts(t)]
         if empty:
             raise LLGBMError(f"{teachers.root / 'manifest.json'}: task {empty[0]!r} has no condition prompts")
+        for entry in teachers.entries:  # a bad file fails now, not when a step (or a worker) first draws it
+            load_adapter(entry.path, teachers.layout)
         self.teachers = teachers
         self.batch_size, self.num_prompts, self.seed = batch_size, num_prompts, seed
         self.rank, self.world_size = rank, world_size

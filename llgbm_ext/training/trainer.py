@@ -7,10 +7,13 @@ Each step: embed the condition prompts (cached), generate DnD tokens, and depend
   * delta_guided  L = λp·L(head(tokens), Δ_t) [+ λc·L(Δ, Δ_t) + λcons·L(head, sg Δ) every N steps]
                       [+ λw·L_weight]
 where Δ of the generated LoRA comes from one batched differentiable forward of the frozen base model
-over (batch × probes) rows (``DeltaComputer``) and Δ_teacher from the DeltaCache (computed once on
-the main process). Runs on accelerate (DDP, bf16 autocast on GPU); checkpoints hold everything an
-exact resume needs; metrics go to ``metrics.jsonl`` (every loss component, grad norm, lr, step time,
-base-model forwards) and ``loss_curves.png``.
+over (batch × probes) rows (``DeltaComputer``, inside the trained module's forward) and Δ_teacher
+from the DeltaCache (filled once; written by rank 0). Runs on accelerate: one process, DDP, or
+DeepSpeed ZeRO-1/2/3 (``training.distributed``), bf16 autocast on GPU; every process steps the same
+global batch schedule on its slice of each batch, and the logged values are means over the
+processes (the global batch's). Checkpoints hold everything an exact resume needs; metrics go to
+``metrics.jsonl`` (every loss component, grad norm, lr, step time, base-model forwards) and
+``loss_curves.png``.
 """
 
 from __future__ import annotations
@@ -29,26 +32,60 @@ from ..atomic import write_text
 from ..config import save_config, to_dict
 from ..data.teacher_set import load_teacher_set
 from ..generator.build import build_generator
-from ..generator.text_encoder import TextEncoder
+from ..generator.text_encoder import EmbeddingCache, TextEncoder
 from ..losses import DeltaGuidedLoss, DeltaHead, DeltaWLoss, MultiTaskLoss, TokenMSELoss, WeightLoss
 from ..lora.tokens import detokenize
-from .checkpoint import RUN_INFO, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    RUN_INFO, latest_checkpoint, load_training_state, load_weights, save_checkpoint, save_rank_state, zero_partition,
+)
 from .config import TrainingConfig
 from .data import StepBatches, batch_loader
+from .distributed import (
+    configure_deepspeed, gathered_weights, make_accelerator, shared_teacher_deltas, whole_models, zero_stage,
+)
 from .plots import plot_metrics
 
 
 class GeneratorWithHead(nn.Module):
-    """What is trained: the generator and, in delta_guided mode, its delta head (one module for DDP)."""
+    """What is trained: the generator and, in delta_guided mode, its delta head (one module for DDP or
+    DeepSpeed), whose forward also computes Δ of the generated LoRAs when asked.
+
+    The frozen base model of the Δ path is not a submodule (not saved, not wrapped), except under
+    ZeRO-3 (``attach_deltas(..., partition_base=True)``), where it must be one so that the engine
+    partitions it and gathers each layer's weights for its forward and backward.
+    """
 
     def __init__(self, generator: nn.Module, head: nn.Module | None = None):
         super().__init__()
         self.generator = generator
         self.head = head
+        self._deltas: tuple | None = None  # (DeltaComputer, LoraLayout); a tuple, so not a submodule
 
-    def forward(self, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def attach_deltas(self, computer, layout, partition_base: bool = False) -> None:
+        self._deltas = (computer, layout)
+        if partition_base:
+            self.base = computer.model
+
+    def forward(self, condition: torch.Tensor, with_delta: bool = False):
+        """(tokens (B, N_tok, H, W), head Δ (B, H) or None, Δ (B, H) of the generated LoRAs or None)."""
         tokens = self.generator(condition)
-        return tokens, (self.head(tokens) if self.head is not None else None)
+        head_delta = self.head(tokens) if self.head is not None else None
+        delta = None
+        if with_delta:  # one batched forward of the frozen base model, in its own dtype (not autocast)
+            computer, layout = self._deltas
+            with torch.autocast(tokens.device.type, enabled=False):
+                delta = computer.deltas(detokenize(tokens.float(), layout))
+        return tokens, head_delta, delta
+
+    def train(self, mode: bool = True) -> "GeneratorWithHead":
+        super().train(mode)
+        if self._deltas is not None:
+            self._deltas[0].model.eval()  # the frozen base stays in eval mode, also as a ZeRO-3 submodule
+        return self
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: generator and head, never the frozen base."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
 
 
 class WarmupCosine:
@@ -85,21 +122,26 @@ class Trainer:
 
     # --- setup ----------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
         cfg = self.cfg
-        # delta_guided steps without a computed delta leave the generator without gradient (λw = 0)
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.loss.mode == "delta_guided")
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
-                                       kwargs_handlers=[ddp])
-        self.device = self.accelerator.device
-        torch.manual_seed(cfg.seed + self.accelerator.process_index)  # condition / target noise
+        self.accelerator = acc = make_accelerator(cfg)
+        self.device = acc.device
+        self.zero_stage = zero_stage(acc)
         teachers = load_teacher_set(cfg.data.teachers)
         include = list(cfg.data.tasks) if cfg.data.tasks is not None else None
         self.teachers = teachers.select(include=include, exclude=list(cfg.data.held_out))
         self.layout = self.teachers.layout
-        self.encoder = TextEncoder(cfg.encoder)
+        self.batches = StepBatches(  # this process's slice of every step's global batch
+            self.teachers, cfg.batch_size, cfg.generator.num_prompts, cfg.seed,
+            rank=acc.process_index, world_size=acc.num_processes,
+            need_tokens=cfg.loss.weight_loss == "token", need_factors=cfg.loss.weight_loss != "token",
+        )
+        self.encoder = TextEncoder(cfg.encoder, EmbeddingCache())  # on disk, shared by runs and ranks
+        if self.zero_stage == 3:  # load it now, whole (see _setup_deltas); later it would be partitioned
+            with whole_models(acc):
+                _ = self.encoder.model
+        # every condition prompt once, in large batches, into the embedding cache: steps then only read it
+        self.encoder.encode([p for task in self.teachers.task_names() for p in self.teachers.prompts(task)],
+                            cfg.generator.condition_level)
         head = DeltaHead(self.layout, dim=cfg.loss.head_dim) if cfg.loss.mode == "delta_guided" else None
         self.trainable = GeneratorWithHead(build_generator(cfg.generator, self.layout), head)
         self.optimizer = self._optimizer()
@@ -107,23 +149,29 @@ class Trainer:
             self.optimizer, WarmupCosine(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio))
         self._setup_losses()
         if cfg.loss.uses_delta:
-            self._setup_deltas()
+            with whole_models(acc):
+                self._setup_deltas()
+            self.trainable.attach_deltas(self.computer, self.layout, partition_base=self.zero_stage == 3)
         self.digest = config_digest(cfg)
-        if self.resume and (path := latest_checkpoint(self.out)) is not None:
-            self.start_step = load_checkpoint(path, self.trainable, self.optimizer, self.scheduler, self.digest)
+        checkpoint = latest_checkpoint(self.out) if self.resume else None
+        if checkpoint is not None:  # weights before wrapping: DDP broadcasts them, ZeRO partitions them
+            self.start_step = load_weights(checkpoint, self.trainable, self.digest, acc.num_processes)
+        configure_deepspeed(acc, cfg)
+        # the scheduler is not prepared: accelerate's wrapper would step it num_processes times a step
+        self.model, self.optimizer = acc.prepare(self.trainable, self.optimizer)
+        # under ZeRO, the engine's partitioned optimizer around our AdamW (whose lr the scheduler sets)
+        self.zero_optimizer = self.optimizer.optimizer if self.zero_stage else None
+        # the condition / target noise: seeded after all setup, which may draw (building a model does)
+        torch.manual_seed(cfg.seed + acc.process_index)
+        if checkpoint is not None:
+            load_training_state(checkpoint, self.optimizer, self.scheduler, acc.process_index, self.zero_optimizer)
             self.base_forwards = self._logged_base_forwards()
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.trainable, self.optimizer, self.scheduler)
-        if self.accelerator.is_main_process:
+        if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
             info = {"base_model": self.teachers.model_name, "layout": self.layout.to_dict(),
                     "tasks": self.teachers.task_names(), "held_out": list(cfg.data.held_out)}
             write_text(self.out / RUN_INFO, json.dumps(info, indent=1) + "\n")
-        self.batches = StepBatches(
-            self.teachers, cfg.batch_size, cfg.generator.num_prompts, cfg.seed,
-            rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
-            need_tokens=cfg.loss.weight_loss == "token", need_factors=cfg.loss.weight_loss != "token",
-        )
         return self
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -160,11 +208,11 @@ class Trainer:
             self.objective.lambda_delta = lambda_delta  # may be 0 (weight-only); 1.0 above only passes the check
 
     def _setup_deltas(self) -> None:
-        """Frozen base model and DeltaComputer; teacher deltas from the cache (main process fills it)."""
+        """Frozen base model and DeltaComputer; teacher deltas from the cache (misses split over the ranks)."""
         from ..delta.cache import DeltaCache
         from ..delta.deltas import DeltaComputer
         from ..delta.probes import get_probe_set
-        from ..delta.teacher import cached_teacher_deltas, delta_context
+        from ..delta.teacher import delta_context
         from ..models.registry import load_base_model, resolve_base_model
 
         d = self.cfg.delta
@@ -178,11 +226,11 @@ class Trainer:
         self.computer = DeltaComputer(model, tokenizer, self.layout, probes, layer=d.layer)
         cache = DeltaCache(d.cache or Path(self.cfg.data.teachers) / "deltas")
         context = delta_context(self.computer, self.teachers.model_name, model_dir)
-        paths = [e.path for e in self.teachers.entries]
+        paths = [Path(e.path) for e in self.teachers.entries]
         tasks = [e.task for e in self.teachers.entries]
-        with self.accelerator.main_process_first():  # rank 0 computes and stores; the others then read
-            deltas = cached_teacher_deltas(self.computer, cache, context, paths, tasks, d.batch_size,
-                                           progress=self.progress and self.accelerator.is_main_process)
+        acc = self.accelerator
+        deltas = shared_teacher_deltas(acc, self.computer, cache, context, paths, tasks, d.batch_size,
+                                       progress=self.progress and acc.is_main_process)
         self.teacher_deltas = deltas.to(self.device)  # (num_teachers, H)
 
     def _logged_base_forwards(self) -> int:
@@ -206,8 +254,10 @@ class Trainer:
         condition = self.encoder.condition(batch.prompts, cfg.generator.condition_level, self.device)
         if cfg.loss.noise > 0:
             condition = condition + cfg.loss.noise * torch.randn_like(condition)
+        with_delta = cfg.loss.uses_delta and (cfg.loss.mode != "delta_guided" or step % cfg.loss.delta_every == 0)
         with self.accelerator.autocast():
-            tokens, head_delta = self.model(condition)  # (B, N_tok, H, W), (B, H) or None
+            tokens, head_delta, delta = self.model(condition, with_delta)  # (B, N_tok, H, W), (B, H), (B, H)
+        self.base_forwards += int(with_delta)
         weight_pred = weight_target = None
         if cfg.loss.weight_loss == "token":
             target = batch.tokens.to(self.device)
@@ -219,8 +269,7 @@ class Trainer:
             weight_target = {p: (a.to(self.device), b.to(self.device)) for p, (a, b) in batch.factors.items()}
         teacher = self.teacher_deltas[batch.indices.to(self.device)] if cfg.loss.uses_delta else None
         if cfg.loss.mode == "delta_guided":
-            computed = self._deltas(tokens) if step % cfg.loss.delta_every == 0 else None
-            result = self.guided(head_delta, teacher, computed)
+            result = self.guided(head_delta, teacher, delta)
             loss = result["loss"]
             with torch.set_grad_enabled(cfg.loss.lambda_weight > 0):
                 weight = self.weight_loss(weight_pred, weight_target)["loss"]
@@ -229,18 +278,19 @@ class Trainer:
             logs = {**result, "loss/weight": weight.detach()}
         else:
             self.objective.lambda_delta = self.lambda_delta(step)
-            delta_pred = self._deltas(tokens) if cfg.loss.uses_delta else None
             result = self.objective(weight_pred=weight_pred, weight_target=weight_target,
-                                    delta_pred=delta_pred, delta_teacher=teacher)
+                                    delta_pred=delta, delta_teacher=teacher)
             loss = result["loss"]
             logs = {**result, "lambda_delta": torch.tensor(self.objective.lambda_delta)}
         logs["loss"] = loss.detach()
-        return loss, {k: float(v) for k, v in logs.items()}
+        return loss, self._mean_over_processes(logs)
 
-    def _deltas(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Δ of the generated LoRAs: one batched forward of the frozen base model."""
-        self.base_forwards += 1
-        return self.computer.deltas(detokenize(tokens.float(), self.layout))  # (B, H)
+    def _mean_over_processes(self, logs: dict) -> dict[str, float]:
+        """Each logged value averaged over the processes: the value of the global batch (equal shares)."""
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32).detach().reshape(()) for v in logs.values()])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values.to(self.device), reduction="mean")
+        return dict(zip(logs, values.tolist()))
 
     def train(self, until: int | None = None) -> dict[str, float]:
         """Train from the start (or resumed) step to ``cfg.steps`` (or stop after step ``until``)."""
@@ -256,12 +306,8 @@ class Trainer:
             step = batch.step
             started = time.perf_counter()
             loss, logs = self._loss_step(batch, step)
-            acc.backward(loss)
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            if cfg.optim.max_grad_norm > 0:
-                grad_norm = acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            else:
-                grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            acc.backward(loss)  # DeepSpeed: also clips and steps its optimizer
+            grad_norm = self._clip_gradients()
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
@@ -280,26 +326,49 @@ class Trainer:
         bar.close()
         return last
 
+    def _clip_gradients(self) -> float:
+        """Clip to ``optim.max_grad_norm`` (0: no clipping); the gradient norm before clipping."""
+        if self.zero_stage:  # the engine clipped inside backward; this reads its norm
+            return float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cfg.optim.max_grad_norm > 0:
+            return float(self.accelerator.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
+        return float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+
     # --- saving -----------------------------------------------------------------------------------
     def save(self, step: int) -> None:
-        """Checkpoint (main process) and refresh the loss curves."""
+        """Checkpoint (every process stages its own state, the main process writes) and refresh the loss curves."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        # ZeRO-3 gathers the partitioned weights (a collective: every process takes part)
+        weights = gathered_weights(self.trainable) if self.zero_stage == 3 else self.trainable.trained_state()
+        save_rank_state(self.out, step, acc.process_index, replica=None if self.zero_stage == 3 else weights,
+                        zero_partition=zero_partition(self.zero_optimizer) if self.zero_optimizer is not None else None)
+        acc.wait_for_everyone()
         if acc.is_main_process:
-            save_checkpoint(self.out, step, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
-                            self.digest, keep=self.cfg.keep_checkpoints)
+            optimizer_state = None if self.zero_optimizer is not None else self.optimizer.state_dict()
+            save_checkpoint(self.out, step, weights, optimizer_state, self.scheduler.state_dict(), self.digest,
+                            processes=acc.num_processes, zero_stage=self.zero_stage, keep=self.cfg.keep_checkpoints)
             plot_metrics(self._read_metrics(), self.out / "loss_curves.png")
         acc.wait_for_everyone()
 
     def _append_metrics(self, logs: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(logs) + "\n")
+        path = self.out / "metrics.jsonl"
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(logs) + "\n")
+        except OSError as e:  # e.g. a full disk: name the file
+            e.filename = e.filename or str(path)
+            raise
 
     def _read_metrics(self) -> list[dict]:
+        """Logged records; a last line cut short by a killed process is left out."""
         path = self.out / "metrics.jsonl"
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text()
+        lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+        return [json.loads(line) for line in lines if line.strip()]
 
     def _truncate_metrics(self, start: int) -> None:
         """On resume, drop metrics of steps after the checkpoint (they will be logged again)."""
@@ -311,3 +380,4 @@ class Trainer:
     def cleanup(self) -> None:
         self.accelerator.wait_for_everyone()
         self.accelerator.free_memory()
+        self.accelerator.end_training()  # closes the process group of a multi-process run

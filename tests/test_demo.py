@@ -1,0 +1,54 @@
+"""``llgbm demo --quick`` end to end (the CI smoke test of the README's main job), and its caching."""
+
+import json
+
+import pytest
+
+from llgbm_ext.cli import main
+from llgbm_ext.data.synthetic import HELD_OUT
+from llgbm_ext.experiments.demo import PLANS
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, main(["demo", "--quick", "--out", str(out), "--no-progress"])
+
+
+def test_quick_demo_runs_every_stage(quick_demo, capsys):
+    out, code = quick_demo
+    assert code == 0
+    manifest = json.loads((out / "teachers" / "manifest.json").read_text())
+    assert sorted(manifest["tasks"]) == sorted(PLANS["quick"].tasks)
+    # teachers learn the multiple-choice family that the base model does not solve
+    category = [manifest["tasks"][t] for t in manifest["tasks"] if t.startswith("category_")]
+    assert all(t["teacher_accuracy"] > t["base_accuracy"] + 0.3 for t in category)
+    for variant in ("weight_only", "llgbm"):
+        assert (out / "runs" / variant / "seed0" / "metrics.jsonl").is_file()
+    results = json.loads((out / "results.json").read_text())
+    held = {e["model"]: e for e in results["summary"] if e["split"] == "held-out"}
+    assert {"base", "teacher", "weight_only", "llgbm", "llgbm (mismatched prompts)", "llgbm (random prompts)"} <= set(held)
+    # delta supervision brings the generated adapters' behaviour (Δ) closer to the unseen task's teacher
+    assert held["llgbm"]["cos_own"] > held["weight_only"]["cos_own"] + 0.2
+    assert (out / "report.md").is_file() and (out / "results.csv").is_file()
+    png = out / "comparison.png"
+    assert not png.exists() or png.read_bytes()[:8] == PNG
+
+
+def test_second_run_reuses_every_stage(quick_demo, capsys):
+    out, _ = quick_demo
+    capsys.readouterr()
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| llgbm |" in printed and "| teacher |" in printed and "(held out)" in printed
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps  # nothing retrained
+
+
+def test_plans_hold_out_tasks_they_train_teachers_for():
+    for name, plan in PLANS.items():
+        assert set(plan.held_out) < set(plan.tasks), name
+    assert PLANS["default"].held_out == ("kind_3", "category_food", "rank_2")  # the suite's, for the demo's families
+    assert set(PLANS["default"].held_out) < set(HELD_OUT)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.synthetic import HELD_OUT, TASK_FAMILIES
+from .comparison import ComparisonConfig, Variant, run_comparison, train_runs
 from ..models.pretrain import PretrainConfig
 
 # The generator recipe of configs/tiny.yaml; the variants differ only in loss.mode.
@@ -125,7 +126,6 @@ def base_model_name(plan: DemoPlan) -> str:
 
 def run_demo(plan: DemoPlan, out: str | Path, seed: int = 0, progress: bool = True) -> DemoResult:
     """Run (or continue) the demo into ``out``; returns what it measured."""
-    from ..experiments.comparison import ComparisonConfig, Variant, run_comparison
     from ..teachers.config import TeacherConfig
     from ..teachers.pipeline import train_teachers
 
@@ -163,13 +163,11 @@ def run_demo(plan: DemoPlan, out: str | Path, seed: int = 0, progress: bool = Tr
         variants=(Variant("weight_only", ("loss.mode=weight_only",)), Variant("llgbm", ("loss.mode=multitask",))),
         seeds=(seed,), held_out=plan.held_out, data_dir=str(data_dir) if data_dir else None,
         eval_limit=plan.eval_limit, samples=plan.samples, controls=plan.controls, out_dir=str(out))
-    from ..experiments.comparison import train_runs
-
     train_runs(comparison, progress)
     seconds["generators"] = time.perf_counter() - start
 
     start = time.perf_counter()
     _stage(5, f"evaluation on the held-out tasks ({plan.eval_limit} test examples each) -> {out}")
-    rows, summary = run_comparison(comparison, progress)  # runs are complete: this only evaluates
+    rows, summary = run_comparison(comparison, progress)  # the runs are complete: this only evaluates
     seconds["evaluation"] = time.perf_counter() - start
     return DemoResult(out, rows, summary, report.rows, seconds)

@@ -195,7 +195,7 @@ def pretrain(model: torch.nn.Module, tokenizer, config: PretrainConfig) -> list[
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
     model.train().requires_grad_(True)
     losses = []
-    for step in (bar := tqdm(range(config.steps), desc="pretraining tiny", leave=False)):
+    for step in (bar := tqdm(range(config.steps), desc="pretraining tiny", leave=False, disable=None)):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, config)
         loss = model(input_ids=batches[step], labels=batches[step]).loss

@@ -88,10 +88,13 @@ def test_pretraining_is_reproducible(tiny_model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     runs = []
-    for _ in range(2):
+    for threads in (1, 2):  # pretraining always runs on one thread, so the caller's setting does not matter
+        torch.set_num_threads(threads)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         losses = pretrain.pretrain(model, tokenizer, TINY_BUDGET)
+        assert torch.get_num_threads() == threads  # and is restored
         runs.append((losses, model.state_dict()))
+    torch.set_num_threads(1)
     assert runs[0][0] == runs[1][0] and losses[-1] < losses[0]
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
     assert not model.training and not any(p.requires_grad for p in model.parameters())

@@ -9,7 +9,8 @@ def register(sub, common) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller budgets (about 3 minutes; a smoke test)")
     size.add_argument("--real", action="store_true",
-                      help="SmolLM2-135M and the offline commonsense sets, leave-one-out ARC-e (about an hour on 2 cores)")
+                      help="SmolLM2-135M and the offline commonsense sets, leave-one-out ARC-e "
+                           "(under an hour on 2 cores)")
     p.add_argument("--out", help="output folder (default runs/demo, runs/demo-quick or runs/demo-real)")
     p.add_argument("--seed", type=int, default=0, help="seed of teachers and generators (default 0)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -23,7 +24,8 @@ def teacher_table(rows: list[dict], held_out: tuple[str, ...]) -> str:
     for row in rows:
         if "teacher_accuracy" in row:
             mark = " (held out)" if row["task"] in held_out else ""
-            lines.append(f"| {row['task']}{mark} | {100 * row['base_accuracy']:.1f} | {100 * row['teacher_accuracy']:.1f} |")
+            base, teacher = 100 * row["base_accuracy"], 100 * row["teacher_accuracy"]
+            lines.append(f"| {row['task']}{mark} | {base:.1f} | {teacher:.1f} |")
     return "\n".join(lines)
 
 

@@ -132,7 +132,8 @@ def run_demo(plan: DemoPlan, out: str | Path, seed: int = 0, progress: bool = Tr
     out = Path(out)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    _stage(1, f"base model {plan.base_model}" + (f" (pretrained {plan.pretrain.steps} steps, cached)" if plan.pretrain else ""))
+    pretrained = f" (pretrained {plan.pretrain.steps} steps on first use, then cached)" if plan.pretrain else ""
+    _stage(1, f"base model {plan.base_model}{pretrained}")
     base = base_model_name(plan)
     seconds["base model"] = time.perf_counter() - start
 

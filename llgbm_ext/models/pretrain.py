@@ -18,9 +18,8 @@ lookups, not copying arbitrary tokens from its context (induction), which is why
 tasks that need it.
 
 Determinism: the corpus comes from a NumPy generator and training from ``torch.manual_seed``, in one
-process on one thread: matrix products split over several threads round differently, and 600 steps
-turn that into a different model (measured: held-out base accuracies of the demo moved by up to 56
-points between a 1-thread and a 2-thread pretraining). On one thread the weights are bitwise
+process on one thread, because matrix products split over another number of threads may round
+differently, and 600 steps can turn a rounding difference into another model. The weights are then
 reproducible for a given torch version and CPU type, whatever the machine's core count.
 """
 

@@ -64,3 +64,36 @@ def test_ablate_cli(teachers, tmp_path, capsys):
     csv = (tmp_path / "out" / "results.csv").read_text().splitlines()
     assert csv[0].startswith("model,seed,task") and sum(f",{SECOND}," in line for line in csv) == 4  # base, teacher, 2 seeds
     assert main(["ablate", "--config", str(config), f"teachers={tmp_path / 'none'}"]) == 2
+
+
+def test_a_diverging_run_is_reported_and_left_out(teachers, tmp_path, monkeypatch, capsys):
+    import llgbm_ext.training.trainer as trainer_module
+
+    def diverge(self):
+        raise trainer_module.DivergedError(f"{self.out}: training diverged at step 1")
+
+    cfg = ComparisonConfig(teachers=str(teachers), overrides=FAST, held_out=(THIRD,), eval_limit=2, samples=1,
+                           out_dir=str(tmp_path), controls=(), seeds=(0,))
+    real_train = trainer_module.Trainer.train
+    monkeypatch.setattr(trainer_module.Trainer, "train",
+                        lambda self: diverge(self) if self.cfg.loss.mode == "multitask" else real_train(self))
+    rows, _ = run_comparison(cfg, progress=False)
+    assert {r["model"] for r in rows} == {"base", "teacher", "weight_only"}
+    assert "warning: " in capsys.readouterr().out
+    assert json.loads((tmp_path / "results.json").read_text())["diverged"] == ["llgbm seed0"]
+    assert "Diverged (non-finite loss; left out of the tables): llgbm seed0." in (tmp_path / "report.md").read_text()
+
+
+def test_non_finite_loss_raises_diverged_error(teachers, tmp_path):
+    from llgbm_ext.config import load_config
+    from llgbm_ext.errors import LLGBMError
+    from llgbm_ext.training import TrainingConfig
+    from llgbm_ext.training.trainer import Trainer
+
+    overrides = [*FAST, f"data.teachers={teachers}", f"out_dir={tmp_path}", "loss.mode=weight_only",
+                 "optim.lr=1e30", "optim.warmup_steps=0"]  # one step sends the weights to ~1e30
+    cfg = load_config(TrainingConfig, None, overrides)
+    trainer = Trainer(cfg, progress=False).setup()
+    with pytest.raises(LLGBMError, match="training diverged at step 1"):
+        trainer.train()
+    trainer.cleanup()

@@ -92,10 +92,11 @@ def training_config(cfg: ComparisonConfig, variant: Variant, seed: int):
     return load_config(TrainingConfig, cfg.training, overrides)
 
 
-def train_runs(cfg: ComparisonConfig, progress: bool = True) -> dict[tuple[str, int], Path]:
-    """Train every (variant, seed) not already complete; returns their run folders."""
+def train_runs(cfg: ComparisonConfig, progress: bool = True) -> dict[tuple[str, int], Path | None]:
+    """Train every (variant, seed) not already complete; returns their run folders (None: the run diverged,
+    which is reported and left out of the evaluation rather than ending the comparison)."""
     from ..training.checkpoint import latest_checkpoint
-    from ..training.trainer import Trainer, config_digest
+    from ..training.trainer import DivergedError, Trainer, config_digest
 
     runs = {}
     for variant in cfg.variants:
@@ -109,8 +110,14 @@ def train_runs(cfg: ComparisonConfig, progress: bool = True) -> dict[tuple[str, 
                 if progress:
                     print(f"training {variant.name} (seed {seed}) -> {out}")
                 trainer = Trainer(tcfg, resume=True, progress=progress).setup()
-                trainer.train()
-                trainer.cleanup()
+                try:
+                    trainer.train()
+                except DivergedError as e:
+                    print(f"warning: {e}")
+                    runs[(variant.name, seed)] = None
+                    continue
+                finally:
+                    trainer.cleanup()
             runs[(variant.name, seed)] = out
     return runs
 
@@ -223,7 +230,7 @@ def evaluate(cfg: ComparisonConfig, runs: dict[tuple[str, int], Path], evaluator
         rows.append({"model": "teacher", "seed": None, "task": task, "split": _split(cfg, task),
                      "accuracy": ev.accuracy(task, one)[0], **behaviour[k]})
         bar.update(1)
-    for (variant, seed), run in runs.items():
+    for (variant, seed), run in ((key, run) for key, run in runs.items() if run is not None):
         trained = load_trained_generator(run)
         n = trained.config.generator.num_prompts
         kinds = {"": [ev.teachers.prompts(t) if t in ev.teachers.tasks else ev.tasks[t].conditions for t in tasks]}
@@ -290,12 +297,14 @@ def markdown_table(summary: list[dict], split: str = "held-out") -> str:
     return "\n".join(lines)
 
 
-def write_report(cfg: ComparisonConfig, rows: list[dict], summary: list[dict]) -> list[Path]:
-    """results.json, results.csv, report.md and comparison.png in ``cfg.out_dir``."""
+def write_report(cfg: ComparisonConfig, rows: list[dict], summary: list[dict],
+                 diverged: tuple[str, ...] = ()) -> list[Path]:
+    """results.json, results.csv, report.md and comparison.png in ``cfg.out_dir``; ``diverged`` names the
+    runs (``variant seedK``) that produced a non-finite loss and are missing from the tables."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "results.json", json.dumps({"config": to_dict(cfg), "rows": rows, "summary": summary},
-                                                indent=1, default=str) + "\n")
+    write_text(out / "results.json", json.dumps({"config": to_dict(cfg), "rows": rows, "summary": summary,
+                                                 "diverged": list(diverged)}, indent=1, default=str) + "\n")
     keys = ["model", "seed", "task", "split", "accuracy", "cos_own", "cos_others", "specificity", "top1"]
     csv = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) for r in rows]
     write_text(out / "results.csv", "\n".join(csv) + "\n")
@@ -303,6 +312,8 @@ def write_report(cfg: ComparisonConfig, rows: list[dict], summary: list[dict]) -
               f"seeds: {', '.join(map(str, cfg.seeds))}.", "", "## Held-out tasks", "", markdown_table(summary, "held-out")]
     if cfg.eval_in_distribution:
         report += ["", "## In-distribution tasks", "", markdown_table(summary, "in-distribution")]
+    if diverged:
+        report += ["", f"Diverged (non-finite loss; left out of the tables): {', '.join(diverged)}."]
     write_text(out / "report.md", "\n".join(report) + "\n")
     written = [out / "results.json", out / "results.csv", out / "report.md"]
     png = plot_summary(summary, out / "comparison.png")
@@ -345,5 +356,6 @@ def run_comparison(cfg: ComparisonConfig, progress: bool = True) -> tuple[list[d
     evaluator = build_evaluator(cfg, progress)
     rows = evaluate(cfg, runs, evaluator)
     summary = summarise(rows)
-    write_report(cfg, rows, summary)
+    diverged = tuple(f"{variant} seed{seed}" for (variant, seed), run in runs.items() if run is None)
+    write_report(cfg, rows, summary, diverged)
     return rows, summary

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_text
 from ..config import save_config, to_dict
+from ..errors import LLGBMError
 from ..data.teacher_set import load_teacher_set
 from ..generator.build import build_generator
 from ..generator.text_encoder import EmbeddingCache, TextEncoder
@@ -44,6 +45,10 @@ from .distributed import (
     configure_deepspeed, gathered_weights, make_accelerator, shared_teacher_deltas, whole_models, zero_stage,
 )
 from .plots import plot_metrics
+
+
+class DivergedError(LLGBMError):
+    """Training produced a non-finite loss (one line through the CLI; the run's checkpoints stay)."""
 
 
 class GeneratorWithHead(nn.Module):
@@ -315,7 +320,8 @@ class Trainer:
             logs.update(step=step, lr=lr, grad_norm=float(grad_norm), step_time=time.perf_counter() - started,
                         base_forwards=self.base_forwards)
             if not all(math.isfinite(v) for k, v in logs.items() if k.startswith("loss")):
-                raise FloatingPointError(f"non-finite loss at step {step}: {logs}")
+                raise DivergedError(f"{self.out}: training diverged at step {step} (loss {logs['loss']}, grad norm "
+                                    f"{logs['grad_norm']:.3g}, lr {lr:.3g}); lower optim.lr or the λs")
             last = logs
             if acc.is_main_process:
                 self._append_metrics(logs)

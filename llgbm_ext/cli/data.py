@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from .arguments import positive_int
+
 
 def register(sub, common: argparse.ArgumentParser) -> None:
     from ..data.dnd_format import TASKS
@@ -18,7 +20,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     )
     exp.add_argument("--to", required=True, metavar="DIR", help="output directory (created; existing files replaced)")
     exp.add_argument("--tasks", nargs="+", metavar="TASK", help=f"tasks to export (default all: {' '.join(TASKS)})")
-    exp.add_argument("--limit", type=_positive, metavar="N", help="keep only the first N records of every split")
+    exp.add_argument("--limit", type=positive_int, metavar="N", help="keep only the first N records of every split")
     exp.add_argument("--no-progress", action="store_true", help="no progress bars")
     exp.set_defaults(func=run_export)
 
@@ -26,13 +28,6 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     info.add_argument("dir", help="directory of DnD task files (DnD's prepare/data, or an export)")
     info.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to check (default: every known task present)")
     info.set_defaults(func=run_info)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def run_export(args) -> int:

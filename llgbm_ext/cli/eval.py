@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ..data.adapter_tasks import adapter_task
 from ..errors import AdapterError, LLGBMError
+from .arguments import positive_int
 
 _PROJECTION = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|up_proj|gate_proj|down_proj)\.lora_A\.")
 
@@ -54,14 +55,14 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                    help="answer style teachers were trained with: option text (default) or DnD's [B]")
     p.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--use-system", action="store_true", help="include the records' system prompts (chat template only)")
-    p.add_argument("--limit", type=_positive, metavar="N", help="score only the first N test examples of each task")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="score only the first N test examples of each task")
     p.add_argument("--reduction", choices=["mean", "sum"], default="mean", help="option score: mean (default) or summed log-prob")
-    p.add_argument("--max-new-tokens", type=_positive, metavar="N", help="greedy budget (default 32; 256 for GSM8K-style tasks)")
+    p.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="greedy budget (default 32; 256 for GSM8K-style tasks)")
     p.add_argument("--probes", metavar="SET", help="also compare adapters' deltas on this probe set (generic, domain:math, a JSON file)")
     p.add_argument("--reference", choices=["task_mean", "per_adapter"], default="task_mean",
                    help="teacher side of delta specificity: task-mean delta (default) or each teacher")
-    p.add_argument("--adapters-per-forward", type=_positive, default=8, metavar="K", help="adapters batched in one forward (default 8)")
-    p.add_argument("--max-rows", type=_positive, default=64, metavar="N", help="sequences per forward, all adapters together (default 64)")
+    p.add_argument("--adapters-per-forward", type=positive_int, default=8, metavar="K", help="adapters batched in one forward (default 8)")
+    p.add_argument("--max-rows", type=positive_int, default=64, metavar="N", help="sequences per forward, all adapters together (default 64)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base model dtype")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", default="eval_results", metavar="DIR", help="output directory (default ./eval_results)")
@@ -70,16 +71,6 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 # --- adapters: files, geometry, task ---------------------------------------------------------------

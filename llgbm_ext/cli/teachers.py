@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .arguments import non_negative_int, positive_int
+
 from ..lora.layout import PROJECTIONS
 
 
@@ -25,7 +27,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                         "task names (kind_3), family names (kind = all its members) or all")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (continued if it holds an unfinished run)")
     lora = p.add_argument_group("LoRA")
-    lora.add_argument("--lora-rank", type=_positive, help="rank (default 8; 16 for models of hidden size >= 1536)")
+    lora.add_argument("--lora-rank", type=positive_int, help="rank (default 8; 16 for models of hidden size >= 1536)")
     lora.add_argument("--lora-alpha", type=float, help="alpha (default 2 x rank, as DnD)")
     lora.add_argument("--targets", nargs="+", choices=PROJECTIONS, default=list(PROJECTIONS), metavar="PROJ",
                       help="adapted projections (default all seven)")
@@ -34,54 +36,34 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                       help="answer style: default option for the synthetic suite, cloze for real tasks")
     text.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     text.add_argument("--use-system", action="store_true", help="include the records' system prompts (chat template only)")
-    text.add_argument("--max-length", type=_positive, default=d.max_length, help=f"tokens per sequence (default {d.max_length})")
+    text.add_argument("--max-length", type=positive_int, default=d.max_length, help=f"tokens per sequence (default {d.max_length})")
     budget = p.add_argument_group("budget")
-    budget.add_argument("--warmup-steps", type=_non_negative, help=f"steps before the first snapshot (default {d.warmup_steps})")
-    budget.add_argument("--snapshot-every", type=_positive, help=f"steps between snapshots (default {d.snapshot_every})")
-    budget.add_argument("--snapshots", type=_positive, help=f"snapshots per task (default {d.snapshots})")
-    budget.add_argument("--batch-size", type=_positive, default=d.batch_size, help=f"sequences per task and step (default {d.batch_size})")
+    budget.add_argument("--warmup-steps", type=non_negative_int, help=f"steps before the first snapshot (default {d.warmup_steps})")
+    budget.add_argument("--snapshot-every", type=positive_int, help=f"steps between snapshots (default {d.snapshot_every})")
+    budget.add_argument("--snapshots", type=positive_int, help=f"snapshots per task (default {d.snapshots})")
+    budget.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"sequences per task and step (default {d.batch_size})")
     budget.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    budget.add_argument("--lr-warmup", type=_non_negative, default=d.lr_warmup, help=f"learning-rate warm-up steps (default {d.lr_warmup})")
+    budget.add_argument("--lr-warmup", type=non_negative_int, default=d.lr_warmup, help=f"learning-rate warm-up steps (default {d.lr_warmup})")
     budget.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay})")
-    budget.add_argument("--tasks-per-group", type=_positive, default=d.tasks_per_group,
+    budget.add_argument("--tasks-per-group", type=positive_int, default=d.tasks_per_group,
                         help=f"tasks trained together in one forward (default {d.tasks_per_group})")
-    budget.add_argument("--save-every", type=_positive, default=d.save_every, help=f"steps between resume points (default {d.save_every})")
+    budget.add_argument("--save-every", type=positive_int, default=d.save_every, help=f"steps between resume points (default {d.save_every})")
     budget.add_argument("--seed", type=int, default=d.seed)
     budget.add_argument("--quick", action="store_true",
                         help="CI smoke budget: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     after = p.add_argument_group("evaluation and deltas")
-    after.add_argument("--eval-limit", type=_non_negative,
+    after.add_argument("--eval-limit", type=non_negative_int,
                        help=f"test examples scored per task (default {d.eval_limit}; 0: no evaluation)")
-    after.add_argument("--max-prompts", type=_positive, default=d.max_prompts,
+    after.add_argument("--max-prompts", type=positive_int, default=d.max_prompts,
                        help=f"condition prompts kept per real task (default {d.max_prompts})")
     after.add_argument("--probes", default=d.probes, help="probe set of the teacher deltas (generic, domain:math, a JSON file)")
     after.add_argument("--no-deltas", action="store_true", help="do not compute teacher deltas")
     after.add_argument("--delta-cache", metavar="DIR", help="DeltaCache directory (default <out>/deltas)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="base model dtype")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _budget(args, name: str, quick: dict, default):

@@ -39,20 +39,6 @@ def tiny_model_dir() -> Path:
     return ensure_tiny_model()
 
 
-# Pretraining budget of the ``tiny`` base model inside tests: the suite checks mechanics, not what the
-# model knows, so the base model that commands resolve as ``tiny`` gets a few steps, not minutes.
-TEST_PRETRAIN = dict(steps=4, batch_size=4, seq_len=32, warmup_steps=1)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def tiny_pretrained_dir() -> Path:
-    """``tiny`` (the pretrained tiny model) in the private cache, pretrained for a few steps only."""
-    from llgbm_ext.atomic import build_once
-    from llgbm_ext.models.pretrain import PretrainConfig, build_pretrained_model, pretrained_model_dir
-
-    return build_once(pretrained_model_dir(), lambda out: build_pretrained_model(out, PretrainConfig(**TEST_PRETRAIN)))
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     """(model, tokenizer) of the tiny model, frozen and in eval mode; do not modify it in tests."""

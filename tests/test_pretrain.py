@@ -1,4 +1,4 @@
-"""The pretrained tiny model: its corpus avoids the suite's prompts, training lowers the loss, the build is cached."""
+"""The pretrained tiny model: its corpus avoids the suite's prompts, training lowers the loss, builds are cached."""
 
 import json
 
@@ -13,6 +13,7 @@ from llgbm_ext.models.pretrain import (
     PretrainConfig, build_pretrained_model, chat_text, packed_rows, plain_text, pretraining_documents, pretrained_model_dir,
 )
 from llgbm_ext.models.registry import load_base_model, resolve_base_model
+from llgbm_ext.models.shipped import SHIPPED_DIR, file_sha256
 
 TINY_BUDGET = PretrainConfig(steps=6, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=1)
 
@@ -66,11 +67,13 @@ def test_build_trains_caches_and_loads(tmp_path, monkeypatch, tiny_model_dir):
     path = pretrain.ensure_pretrained_model(TINY_BUDGET)
     assert path == pretrained_model_dir(TINY_BUDGET) != pretrained_model_dir()  # each budget has its own folder
     assert pretrain.ensure_pretrained_model(TINY_BUDGET) == path and calls == [TINY_BUDGET]
-    assert resolve_base_model("tiny") == pretrained_model_dir() and calls[-1] == PretrainConfig()  # the default budget
+    # the default budget is the shipped model: nothing is pretrained for it
+    assert resolve_base_model("tiny") == pretrain.ensure_pretrained_model() == SHIPPED_DIR and calls == [TINY_BUDGET]
     info = json.loads((path / "llgbm_model.json").read_text())
     assert info["pretrain"]["steps"] == TINY_BUDGET.steps and np.isfinite(info["final_loss"])
+    assert info["sha256"] == file_sha256(path / "model.safetensors") and info["torch"] == torch.__version__
     random_dir = resolve_base_model("tiny-random")
-    assert "pretrain" not in json.loads((random_dir / "llgbm_model.json").read_text()) and len(calls) == 2
+    assert "pretrain" not in json.loads((random_dir / "llgbm_model.json").read_text()) and len(calls) == 1
 
     model, tokenizer = load_base_model(path)
     raw, raw_tokenizer = load_base_model(tiny_model_dir)

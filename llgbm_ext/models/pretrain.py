@@ -20,7 +20,9 @@ tasks that need it.
 Determinism: the corpus comes from a NumPy generator and training from ``torch.manual_seed``, in one
 process on one thread, because matrix products split over another number of threads may round
 differently, and 600 steps can turn a rounding difference into another model. The weights are then
-reproducible for a given torch version and CPU type, whatever the machine's core count.
+reproducible for a given torch version and CPU type, whatever the machine's core count, but not across
+CPU types, which is why the default recipe's model is shipped inside the package (models.shipped) and
+``tiny`` never pretrains; other budgets are pretrained on first use and cached.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..atomic import build_once
+from ..atomic import atomic_dir, build_once
 from ..data.synthetic import CATEGORIES, CATEGORY_QUESTIONS, LETTERS, NUMBER_MAX, SYSTEM, WORDS
 from ..errors import ModelError
 from ..paths import cache_dir
+from .shipped import WEIGHTS, file_sha256, shipped_tiny_model
 from .tiny import TINY_VERSION, ensure_tiny_model
 
 PRETRAIN_VERSION = 2  # bump when the corpus or the training below changes
@@ -46,7 +49,8 @@ PRETRAIN_VERSION = 2  # bump when the corpus or the training below changes
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Optimisation of the pretraining; the defaults take about three and a half minutes (one thread)."""
+    """Optimisation of the pretraining; the defaults (about three and a half minutes, one thread) are the recipe of
+    the shipped ``tiny``."""
 
     steps: int = 600
     batch_size: int = 32
@@ -220,7 +224,8 @@ def _train(model: torch.nn.Module, tokenizer, config: PretrainConfig) -> list[fl
 
 
 def build_pretrained_model(out_dir: str | Path, config: PretrainConfig = PretrainConfig()) -> Path:
-    """Pretrain the raw tiny model and write it (config, weights, tokenizer) into ``out_dir``."""
+    """Pretrain the raw tiny model and write it (config, weights, tokenizer, and the recipe with the torch version
+    and the weights' sha256 in llgbm_model.json, as the shipped model has it) into ``out_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir = Path(out_dir)
@@ -231,13 +236,15 @@ def build_pretrained_model(out_dir: str | Path, config: PretrainConfig = Pretrai
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     info = {"name": "tiny", "version": TINY_VERSION, "pretrain_version": PRETRAIN_VERSION, "pretrain": asdict(config),
-            "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+            "final_loss": sum(losses[-20:]) / len(losses[-20:]), "torch": torch.__version__,
+            "sha256": file_sha256(out_dir / WEIGHTS)}
     (out_dir / "llgbm_model.json").write_text(json.dumps(info) + "\n")
     return out_dir
 
 
 def pretrained_model_dir(config: PretrainConfig = PretrainConfig()) -> Path:
-    """Cache location of the tiny model pretrained with ``config``; other budgets get their own folder."""
+    """Cache location of the tiny model pretrained with ``config`` (for the default recipe: the last rebuild of the
+    shipped model); other budgets get their own folder."""
     name = f"tiny-pretrained-v{TINY_VERSION}.{PRETRAIN_VERSION}"
     if config != PretrainConfig():
         name += "-" + hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
@@ -245,6 +252,17 @@ def pretrained_model_dir(config: PretrainConfig = PretrainConfig()) -> Path:
 
 
 def ensure_pretrained_model(config: PretrainConfig = PretrainConfig()) -> Path:
-    """Path of the tiny model pretrained with ``config``, pretraining on first use (the default takes about
-    three and a half minutes); safe when processes race."""
+    """Path of the tiny model pretrained with ``config``: the shipped model for the default recipe, otherwise
+    pretrained on first use and cached; safe when processes race."""
+    if config == PretrainConfig():
+        return shipped_tiny_model()
     return build_once(pretrained_model_dir(config), lambda out: build_pretrained_model(out, config))
+
+
+def rebuild_pretrained_model() -> Path:
+    """Pretrain the shipped model again from its recipe (minutes) into the cache, replacing an earlier rebuild;
+    the shipped weights are left as they are."""
+    path = pretrained_model_dir()
+    with atomic_dir(path) as tmp:
+        build_pretrained_model(tmp, PretrainConfig())
+    return path

@@ -13,14 +13,15 @@ from typing import Callable
 import torch
 
 from ..errors import ModelError
-from .pretrain import ensure_pretrained_model
+from .shipped import shipped_tiny_model
 from .smollm2 import ensure_smollm2
 from .tiny import ensure_tiny_model
 
 # Built-in models: name -> function that returns (creating on first use) the model directory.
-# "tiny" is the pretrained tiny model (models.pretrain); "tiny-random" its random initialisation.
+# "tiny" is the pretrained tiny model shipped with the package (models.shipped); "tiny-random" its
+# random initialisation, built from code.
 BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
-    "tiny": ensure_pretrained_model, "tiny-random": ensure_tiny_model, "smollm2-135m": ensure_smollm2}
+    "tiny": shipped_tiny_model, "tiny-random": ensure_tiny_model, "smollm2-135m": ensure_smollm2}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")

@@ -1,4 +1,5 @@
-"""DeltaCache: content ids, context hits and misses, LLGBM layout, corrupt entries, concurrent and killed writers."""
+"""DeltaCache: content ids, context hits and misses, LLGBM layout, per-context shapes, format-1 refusal,
+corrupt entries, concurrent and killed writers."""
 
 import json
 import multiprocessing
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llgbm_ext.delta.cache import (
+    FORMAT,
     CacheError,
     DeltaCache,
     DeltaContext,
@@ -22,6 +24,7 @@ from llgbm_ext.delta.cache import (
 from llgbm_ext.errors import ModelError
 
 H = 16
+P = 3  # probes of per-probe entries
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 SETTINGS = {"layer": -1, "dtype": "bfloat16", "chat_template": "chatml", "max_length": 128, "padding": "left"}
@@ -37,8 +40,8 @@ def fake_adapter(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, tor
     return {KEY_A: torch.randn(4, H, generator=g).to(dtype), KEY_B: torch.randn(H, 4, generator=g).to(dtype)}
 
 
-def fake_delta(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(H).astype(np.float32)
+def fake_delta(seed: int, shape: tuple[int, ...] = (H,)) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def filled_cache(root, n: int = 3) -> tuple[DeltaCache, list[str]]:
@@ -155,13 +158,18 @@ def test_round_trip_in_llgbm_layout(tmp_path, no_warnings):
     assert files == sorted([".lock", "manifest.json", "base_activation.npy"] + [f"{a}.npy" for a in ids + more])
     assert np.array_equal(np.load(tmp_path / "deltas" / f"{ids[1]}.npy", allow_pickle=False), fake_delta(1))
     manifest = json.loads((tmp_path / "deltas" / "manifest.json").read_text())
+    assert manifest["format"] == FORMAT == "llgbm_ext.delta_cache/2"
     assert manifest["adapters"][ids[0]]["path"] == "/adapters/task_0"
+    assert manifest["adapters"][ids[0]]["shape"] == [H]
     assert manifest["contexts"][context().id]["settings"] == SETTINGS
+    assert manifest["contexts"][context().id]["shape"] == [H]
+    assert "hidden_size" not in manifest["contexts"][context().id]
 
     entries = {e.adapter_id: e for e in reopened.entries(context())}
     assert set(entries) == set(ids + more)
     assert entries[ids[2]].task == "task0" and entries[more[1]].path == "/p/11"
     assert entries[ids[1]].norm == pytest.approx(float(np.linalg.norm(fake_delta(1))))
+    assert entries[ids[1]].shape == (H,)
     assert reopened.get_many([ids[0], "0" * 20], context()).keys() == {ids[0]}
     assert reopened.missing(["0" * 20, ids[0], "1" * 20], context()) == ["0" * 20, "1" * 20]
     assert reopened.verify() == []
@@ -179,6 +187,73 @@ def test_contexts_share_a_directory(tmp_path, no_warnings):
     assert (tmp_path / f"base_activation.{other.id}.npy").is_file()
     assert [e.adapter_id for e in cache.entries(other)] == [ids[0]]
     assert cache.get(ids[1], other) is None
+
+
+def test_per_probe_entries_round_trip(tmp_path, no_warnings):
+    cache, ids = DeltaCache(tmp_path), [adapter_id(fake_adapter(i)) for i in range(4)]
+    cache.put_base_activation(context(), torch.from_numpy(fake_delta(100, (P, H))))
+    cache.put_many(ids[:3], context(), np.stack([fake_delta(i, (P, H)) for i in range(3)]), tasks=["a", "b", "a"])
+    cache.put(ids[3], context(), fake_delta(3, (P, H)), path="/p/3")
+
+    reopened = DeltaCache(tmp_path)
+    got = reopened.get_many(ids, context())
+    assert set(got) == set(ids)
+    for i, aid in enumerate(ids):
+        assert got[aid].shape == (P, H) and got[aid].dtype == np.float32
+        assert np.array_equal(got[aid], fake_delta(i, (P, H)))
+    assert np.array_equal(reopened.get(ids[3], context()), fake_delta(3, (P, H)))
+    assert np.array_equal(reopened.get_base_activation(context()), fake_delta(100, (P, H)))
+    assert np.array_equal(np.load(tmp_path / f"{ids[0]}.npy", allow_pickle=False), fake_delta(0, (P, H)))
+
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["contexts"][context().id]["shape"] == [P, H]
+    assert manifest["adapters"][ids[1]]["shape"] == [P, H]
+    assert manifest["base_activations"]["base_activation"]["shape"] == [P, H]
+    entries = {e.adapter_id: e for e in reopened.entries(context())}
+    assert entries[ids[2]].shape == (P, H) and entries[ids[2]].task == "a"
+    assert entries[ids[2]].norm == pytest.approx(float(np.linalg.norm(fake_delta(2, (P, H)))))  # over all elements
+
+    topk = context(settings={**SETTINGS, "target": "topk"})  # another context of the directory, another shape
+    cache.put(ids[0], topk, fake_delta(7, (5, 8)))
+    cache.put(ids[1], context(probe_hash="ef" * 8), fake_delta(8))
+    assert cache.get(ids[0], topk).shape == (5, 8) and cache.get(ids[1], context(probe_hash="ef" * 8)).shape == (H,)
+    assert np.array_equal(cache.get(ids[0], context()), fake_delta(0, (P, H)))
+    assert reopened.verify() == []
+
+
+@pytest.mark.parametrize("first, second", [
+    ((P, H), (H,)),
+    ((H,), (P, H)),
+    ((P, H), (P + 1, H)),
+    ((P, H), (H, P)),  # same size, other shape
+    ((H,), (1, H)),
+], ids=["PxH-then-H", "H-then-PxH", "P-then-P+1", "transposed", "H-then-1xH"])
+@pytest.mark.parametrize("writer", ["put", "put_many", "base_activation"])
+def test_shape_mismatch_within_a_context_is_refused(tmp_path, first, second, writer, no_warnings):
+    cache, aid = DeltaCache(tmp_path), adapter_id(fake_adapter(0))
+    cache.put(aid, context(), fake_delta(0, first))  # the first array fixes the context's shape
+    before = (tmp_path / "manifest.json").read_text()
+    other_id, wrong = adapter_id(fake_adapter(1)), fake_delta(1, second)
+    shapes = re.escape(str(second)) + ".*" + re.escape(str(first))
+    with pytest.raises(CacheError, match=shapes):
+        if writer == "put":
+            cache.put(other_id, context(), wrong)
+        elif writer == "put_many":
+            cache.put_many([other_id], context(), wrong[None])
+        else:
+            cache.put_base_activation(context(), wrong)
+    assert (tmp_path / "manifest.json").read_text() == before  # nothing was stored
+    assert cache.get(other_id, context()) is None and cache.get_base_activation(context()) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", f"{aid}.npy", "manifest.json"]
+
+
+def test_base_activation_fixes_the_shape_too(tmp_path, no_warnings):
+    cache, aid = DeltaCache(tmp_path), adapter_id(fake_adapter(0))
+    cache.put_base_activation(context(), fake_delta(100, (P, H)))
+    with pytest.raises(CacheError, match=re.escape(f"{(H,)}") + ".*" + re.escape(f"{(P, H)}")):
+        cache.put(aid, context(), fake_delta(0))
+    cache.put(aid, context(), fake_delta(0, (P, H)))
+    assert np.array_equal(cache.get(aid, context()), fake_delta(0, (P, H)))
 
 
 @pytest.mark.parametrize("change", [
@@ -213,16 +288,21 @@ def test_base_model_name_is_not_part_of_the_key(tmp_path, no_warnings):
 def test_bad_values_are_rejected(tmp_path):
     cache, ids = filled_cache(tmp_path)
     bad_deltas = [fake_delta(0).astype(np.float64), torch.from_numpy(fake_delta(0)).bfloat16(),
-                  fake_delta(0)[None], np.float32([np.nan] * H), np.float32([np.inf] * H), np.zeros(0, np.float32)]
+                  np.float32([np.nan] * H), np.float32([np.inf] * H), np.zeros(0, np.float32), np.float32(1.0),
+                  np.zeros((H, 0), np.float32)]
     for bad in bad_deltas:
-        with pytest.raises(CacheError, match=f"delta of adapter {ids[0]}"):
+        with pytest.raises(CacheError, match=f"entry of adapter {ids[0]}"):
             cache.put(ids[0], context(), bad)
-    with pytest.raises(CacheError, match=r"H=8.*H=16"):
-        cache.put(ids[0], context(), np.zeros(8, np.float32))  # another hidden size in the same context
+    with pytest.raises(CacheError, match=r"\(8,\).*\(16,\)"):
+        cache.put(ids[0], context(), np.zeros(8, np.float32))  # another shape in the same context
+    with pytest.raises(CacheError, match=re.escape("put_many arrays: shape (16,), expected (N, *shape)")):
+        cache.put_many(ids[:1], context(), fake_delta(0))
+    with pytest.raises(CacheError, match=f"entry of adapter {ids[1]}: contains NaN"):
+        cache.put_many(ids[:2], context(), np.stack([fake_delta(0), np.float32([np.inf] * H)]))
     for bad_id in ("../escape", "ABCDEF0123", "12", 7):
         with pytest.raises(CacheError, match="adapter id"):
             cache.put(bad_id, context(), fake_delta(0))
-    with pytest.raises(CacheError, match="2 ids, 1 deltas"):
+    with pytest.raises(CacheError, match="2 ids, 1 arrays"):
         cache.put_many(ids[:2], context(), fake_delta(0)[None])
     with pytest.raises(CacheError, match="base activation"):
         cache.put_base_activation(context(), np.float32([np.nan] * H))
@@ -282,6 +362,15 @@ def test_pickled_array_is_never_loaded(tmp_path):
         assert cache.get(ids[0], context()) is None
 
 
+def test_per_probe_entry_of_another_shape_is_dropped(tmp_path):
+    cache, aid = DeltaCache(tmp_path), adapter_id(fake_adapter(0))
+    cache.put(aid, context(), fake_delta(0, (P, H)))
+    np.save(tmp_path / f"{aid}.npy", fake_delta(0, (P, H)).T.copy())  # same values and size, transposed
+    with pytest.warns(UserWarning, match=re.escape(f"{aid}.npy: holds float32 {(H, P)}, expected float32 {(P, H)}")):
+        assert cache.get(aid, context()) is None
+    assert cache.entries(context()) == []
+
+
 @pytest.mark.parametrize("how", ["truncated", "wrong_shape", "missing"])
 def test_bad_base_activation(tmp_path, how):
     cache, _ = filled_cache(tmp_path)
@@ -292,7 +381,11 @@ def test_bad_base_activation(tmp_path, how):
     assert np.array_equal(cache.get_base_activation(context()), fake_delta(100))
 
 
-@pytest.mark.parametrize("text", ["{not json", '{"adapters": {}, "config": {}}', "[1, 2]", ""])
+UNKNOWN_FORMAT = json.dumps({"format": "llgbm_ext.delta_cache/9", "primary_context": None, "contexts": {},
+                             "base_activations": {}, "adapters": {}})
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"adapters": {}, "config": {}}', "[1, 2]", "", UNKNOWN_FORMAT])
 def test_corrupt_or_foreign_manifest_starts_fresh(tmp_path, text):
     cache, ids = filled_cache(tmp_path)
     (tmp_path / "manifest.json").write_text(text)
@@ -307,10 +400,23 @@ def test_corrupt_or_foreign_manifest_starts_fresh(tmp_path, text):
     assert list(manifest["adapters"]) == [ids[0]]
 
 
-def test_stale_context_record_is_dropped(tmp_path):
+@pytest.mark.parametrize("key, value", [
+    ("fingerprint", "00" * 10),  # no longer matches the context id
+    ("shape", None),  # no shape (e.g. a format-1 context record with its hidden_size)
+    ("shape", []),
+    ("shape", [0]),
+    ("shape", [H, -1]),
+    ("shape", [16.0]),
+    ("shape", H),
+])
+def test_stale_context_record_is_dropped(tmp_path, key, value):
     cache, ids = filled_cache(tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    manifest["contexts"][context().id]["fingerprint"] = "00" * 10  # no longer matches the context id
+    record = manifest["contexts"][context().id]
+    if value is None:
+        record["hidden_size"] = record.pop(key)[0]
+    else:
+        record[key] = value
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.warns(UserWarning, match=f"context {context().id} does not match"):
         assert cache.get(ids[0], context()) is None
@@ -328,6 +434,49 @@ def test_record_of_another_context_is_not_a_hit(tmp_path):
     with pytest.warns(UserWarning, match=f"{ids[0]}.npy: recorded for context {other.id}"):
         assert cache.get(ids[0], context()) is None
     assert cache.get(ids[0], other) is None
+
+
+def _format_1_cache(root) -> list[str]:
+    """A directory as format 1 wrote it: contexts with a hidden_size, one mean delta (H,) per adapter."""
+    ids = [adapter_id(fake_adapter(i)) for i in range(2)]
+    ctx = {**context().record(), "hidden_size": H}
+    record = {"context": "0123456789abcdef", "shape": [H], "norm": 1.0, "sha256": "00" * 8, "path": None, "task": None}
+    manifest = {"format": "llgbm_ext.delta_cache/1", "primary_context": "0123456789abcdef",
+                "contexts": {"0123456789abcdef": ctx}, "base_activations": {"base_activation": record},
+                "adapters": {aid: {**record, "adapter_id": aid} for aid in ids}}
+    root.mkdir(exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    for name in ["base_activation", *ids]:
+        np.save(root / f"{name}.npy", fake_delta(0))
+    return ids
+
+
+FORMAT_1_CALLS = {
+    "get": lambda cache, ids: cache.get(ids[0], context()),
+    "get_many": lambda cache, ids: cache.get_many(ids, context()),
+    "missing": lambda cache, ids: cache.missing(ids, context()),
+    "entries": lambda cache, ids: cache.entries(context()),
+    "get_base_activation": lambda cache, ids: cache.get_base_activation(context()),
+    "put": lambda cache, ids: cache.put(ids[0], context(), fake_delta(0, (P, H))),
+    "put_many": lambda cache, ids: cache.put_many(ids, context(), np.stack([fake_delta(0)] * 2)),
+    "put_base_activation": lambda cache, ids: cache.put_base_activation(context(), fake_delta(0, (P, H))),
+    "verify": lambda cache, ids: cache.verify(),
+}
+
+
+@pytest.mark.parametrize("call", FORMAT_1_CALLS)
+def test_format_1_cache_is_refused_not_overwritten(tmp_path, call, no_warnings):
+    root = tmp_path / "old cache"
+    ids = _format_1_cache(root)
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    with pytest.raises(CacheError) as caught:
+        FORMAT_1_CALLS[call](DeltaCache(root), ids)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{root / 'manifest.json'}: a delta cache of format llgbm_ext.delta_cache/1")
+    assert f"delete {root} or use another cache directory" in message
+    after = {p.name: p.read_bytes() for p in root.iterdir() if p.name != ".lock"}
+    assert after == before  # nothing replaced, dropped or added
 
 
 def test_verify_reports_and_cleans(tmp_path):

@@ -1,15 +1,21 @@
-"""DeltaCache: teacher deltas and base activations on disk, keyed by adapter content and context.
+"""DeltaCache: teacher deltas, other teacher-side targets and base activations on disk, keyed by adapter
+content and context.
 
 A teacher delta Δ = v(adapter) − v(base) depends on the adapter's tensors and on a *context*: the base
 model's weights, the probe set and the delta settings (layer, dtype, chat template, max length,
-padding ...). A lookup is ``(adapter_id, context) -> delta``: a changed base, probe set or setting is a
+padding ...). A lookup is ``(adapter_id, context) -> array``: a changed base, probe set or setting is a
 miss, never a wrong hit.
+
+Shapes: every array of a context (its adapter entries and its base activation) is float32 of the
+context's ``shape``, fixed by the first array written to it and recorded in the manifest: (H,) for one
+mean delta per adapter, (P, H) for per-probe deltas (one row per probe text), (M, 2k) for a teacher's
+top-k log-probabilities. Another shape in the same context is refused, so a reader never mixes them.
 
 Layout: LLGBM's file names, so a single-context cache looks like LLGBM's ``deltas/``::
 
     <root>/manifest.json                      contexts and records (JSON)
-    <root>/base_activation.npy                v(base), float32 (H,), of the primary context
-    <root>/<adapter_id>.npy                   Δ of one adapter, float32 (H,), in the primary context
+    <root>/base_activation.npy                v(base), float32 of the context's shape, of the primary context
+    <root>/<adapter_id>.npy                   the entry of one adapter (e.g. Δ), in the primary context
     <root>/base_activation.<context_id>.npy   the same two for every further context
     <root>/<adapter_id>.<context_id>.npy
     <root>/.lock                              flock'ed: shared by readers, exclusive by writers
@@ -18,8 +24,13 @@ The primary context is the first one written to the directory (fixed in its mani
 plain names; every later context adds its id to the same names, so one directory, manifest and lock
 serve any number of base models and probe sets. Arrays are written with ``np.save`` and read with
 ``allow_pickle=False``. The manifest records, per context, the base model (name and weight
-fingerprint), the probe hash and the settings; per array, its context, shape, norm and checksum, plus
-the adapter's path and task for people (never used for matching).
+fingerprint), the probe hash, the settings and the shape; per array, its context, shape, norm and
+checksum, plus the adapter's path and task for people (never used for matching).
+
+Format history: ``llgbm_ext.delta_cache/1`` stored one mean delta (H,) per adapter and recorded a
+``hidden_size`` per context. ``llgbm_ext.delta_cache/2`` records a ``shape`` per context instead, so it
+holds per-probe entries and other targets. A format-1 directory is refused with a one-line CacheError
+on any read or write, never silently replaced: its mean deltas cannot serve per-probe training.
 
 Fixes to LLGBM's DeltaCache (contract §6.23): its ids were the md5 of the adapter *path string*, so a
 relative and an absolute path missed each other, and ``get_delta_for_checkpoint`` matched substrings
@@ -33,8 +44,8 @@ half-written file. A killed writer leaves at most a ``.*.tmp`` file (ignored, re
 writer) or an array the manifest does not reference (ignored, removed by ``verify``). A record that
 fails its checks (missing, truncated or pickled file, wrong dtype or shape, NaN/Inf, checksum
 mismatch, stale context) is reported in a one-line warning naming the file, dropped from the manifest
-and treated as a miss, so the caller recomputes it. A corrupt manifest is reported and replaced by an
-empty one. The lock is ``fcntl.flock``: keep the cache on a local file system.
+and treated as a miss, so the caller recomputes it. A corrupt or unknown manifest is reported and
+replaced by an empty one. The lock is ``fcntl.flock``: keep the cache on a local file system.
 """
 
 from __future__ import annotations
@@ -59,7 +70,8 @@ import torch
 from ..atomic import atomic_path, write_text
 from ..errors import LLGBMError, ModelError
 
-FORMAT = "llgbm_ext.delta_cache/1"
+FORMAT = "llgbm_ext.delta_cache/2"
+FORMAT_1 = "llgbm_ext.delta_cache/1"  # one mean delta (H,) per adapter; refused
 MANIFEST = "manifest.json"
 BASE_ACTIVATION = "base_activation"
 LOCK = ".lock"
@@ -73,7 +85,8 @@ _STEM = re.compile(r"(base_activation|[0-9a-f]{8,64})(\.[0-9a-f]{16})?")
 
 
 class CacheError(LLGBMError):
-    """A value given to the DeltaCache is unusable (bad id, non-float32 or non-finite array, shape mismatch)."""
+    """A value given to the DeltaCache is unusable (bad id, non-float32 or non-finite array, shape mismatch),
+    or its directory holds a cache of an older format."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,20 +238,21 @@ class DeltaContext:
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """One cached delta, for summaries."""
+    """One cached adapter entry (a delta or another target), for summaries; ``norm``: L2 over all its elements."""
 
     adapter_id: str
     path: str | None
     task: str | None
     norm: float
+    shape: tuple[int, ...]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Arrays and manifest
 
 
-def _float32(values: torch.Tensor | np.ndarray, what: str, ndim: int) -> np.ndarray:
-    """``values`` as a float32 numpy array, (H,) or (N, H) by ``ndim``, else a CacheError naming ``what``."""
+def _float32(values: torch.Tensor | np.ndarray, what: str, min_ndim: int) -> np.ndarray:
+    """``values`` as a float32 numpy array of ≥ ``min_ndim`` non-empty dims, else a CacheError naming ``what``."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu()
         if values.dtype != torch.float32:
@@ -247,9 +261,15 @@ def _float32(values: torch.Tensor | np.ndarray, what: str, ndim: int) -> np.ndar
     array = np.asarray(values)
     if array.dtype != np.float32:
         raise CacheError(f"{what}: dtype {array.dtype}, expected float32 (cast it explicitly)")
-    if array.ndim != ndim or 0 in array.shape:
-        raise CacheError(f"{what}: shape {array.shape}, expected {'(H,)' if ndim == 1 else '(N, H)'}")
+    if array.ndim < min_ndim or 0 in array.shape:
+        expected = "a shape of at least one dimension" if min_ndim == 1 else "(N, *shape)"
+        raise CacheError(f"{what}: shape {array.shape}, expected {expected} with no empty dimension")
     return array
+
+
+def _valid_shape(shape: Any) -> bool:
+    """Whether a manifest's ``shape`` is a non-empty list of positive ints."""
+    return isinstance(shape, list) and bool(shape) and all(type(n) is int and n > 0 for n in shape)
 
 
 def _checksum(array: np.ndarray) -> str:
@@ -285,62 +305,63 @@ class DeltaCache:
     # -- reads ---------------------------------------------------------------------------------------
 
     def get(self, adapter_id: str, ctx: DeltaContext) -> np.ndarray | None:
-        """The cached delta, float32 (H,), of an adapter in a context; None on a miss."""
+        """The cached entry of an adapter in a context, float32 of the context's shape; None on a miss."""
         return self.get_many([adapter_id], ctx).get(adapter_id)
 
     def get_many(self, adapter_ids: Iterable[str], ctx: DeltaContext) -> dict[str, np.ndarray]:
-        """Cached deltas {adapter_id: (H,)} of the given adapters in ``ctx``; misses are left out."""
+        """Cached entries {adapter_id: array of the context's shape} of the given adapters; misses are left out."""
         return self._read("adapters", list(adapter_ids), ctx)
 
     def missing(self, adapter_ids: Iterable[str], ctx: DeltaContext) -> list[str]:
-        """The adapter ids (in the given order) that have no valid delta in ``ctx``: the ones to compute."""
+        """The adapter ids (in the given order) that have no valid entry in ``ctx``: the ones to compute."""
         adapter_ids = list(adapter_ids)
         hits = self.get_many(adapter_ids, ctx)
         return [a for a in adapter_ids if a not in hits]
 
     def get_base_activation(self, ctx: DeltaContext) -> np.ndarray | None:
-        """The cached base activation v(base), float32 (H,), of a context; None on a miss."""
+        """The cached base activation v(base) of a context, float32 of its shape; None on a miss."""
         return self._read("base_activations", [BASE_ACTIVATION], ctx).get(BASE_ACTIVATION)
 
     def entries(self, ctx: DeltaContext) -> list[CacheEntry]:
-        """The deltas recorded for ``ctx`` (from the manifest; arrays are checked when read)."""
+        """The adapter entries recorded for ``ctx`` (from the manifest; arrays are checked when read)."""
         with self._lock(exclusive=False):
             manifest, _ = self._load_manifest()
-        return [CacheEntry(r.get("adapter_id"), r.get("path"), r.get("task"), r.get("norm"))
-                for r in manifest["adapters"].values() if r["context"] == ctx.id]
+        return [CacheEntry(r.get("adapter_id"), r.get("path"), r.get("task"), r.get("norm"),
+                           tuple(r.get("shape", ()))) for r in manifest["adapters"].values() if r["context"] == ctx.id]
 
     # -- writes --------------------------------------------------------------------------------------
 
-    def put(self, adapter_id: str, ctx: DeltaContext, delta: torch.Tensor | np.ndarray,
+    def put(self, adapter_id: str, ctx: DeltaContext, array: torch.Tensor | np.ndarray,
             path: str | os.PathLike | None = None, task: str | None = None) -> None:
-        """Store the delta, float32 (H,), of one adapter; ``path`` and ``task`` are recorded for people."""
-        delta = _float32(delta, f"delta of adapter {adapter_id}", ndim=1)
-        self.put_many([adapter_id], ctx, delta[None], paths=[path], tasks=[task])
+        """Store the entry of one adapter, float32 of any shape with ≥1 dims: (H,) a mean delta, (P, H) per-probe
+        deltas ... (the context's shape once set); ``path`` and ``task`` are recorded for people."""
+        array = _float32(array, f"entry of adapter {adapter_id}", min_ndim=1)
+        self.put_many([adapter_id], ctx, array[None], paths=[path], tasks=[task])
 
-    def put_many(self, adapter_ids: Sequence[str], ctx: DeltaContext, deltas: torch.Tensor | np.ndarray,
+    def put_many(self, adapter_ids: Sequence[str], ctx: DeltaContext, arrays: torch.Tensor | np.ndarray,
                  paths: Sequence[str | os.PathLike | None] | None = None,
                  tasks: Sequence[str | None] | None = None) -> None:
-        """Store the deltas (N, H) float32 of N adapters of one context, with a single manifest update."""
-        deltas = _float32(deltas, "deltas", ndim=2)
+        """Store the entries (N, *shape) float32 of N adapters of one context, with a single manifest update."""
+        arrays = _float32(arrays, "put_many arrays", min_ndim=2)
         paths = [None] * len(adapter_ids) if paths is None else list(paths)
         tasks = [None] * len(adapter_ids) if tasks is None else list(tasks)
-        if not len(adapter_ids) == len(deltas) == len(paths) == len(tasks):
-            raise CacheError(f"put_many: {len(adapter_ids)} ids, {len(deltas)} deltas, {len(paths)} paths, "
+        if not len(adapter_ids) == len(arrays) == len(paths) == len(tasks):
+            raise CacheError(f"put_many: {len(adapter_ids)} ids, {len(arrays)} arrays, {len(paths)} paths, "
                              f"{len(tasks)} tasks; expected one of each per adapter")
         for aid in adapter_ids:
             if not isinstance(aid, str) or not _ADAPTER_ID.fullmatch(aid):
                 raise CacheError(f"adapter id {aid!r}: expected the lowercase hex string of adapter_id()")
-        finite = np.isfinite(deltas).all(axis=1)
+        finite = np.isfinite(arrays).reshape(len(arrays), -1).all(axis=1)
         if not finite.all():
-            raise CacheError(f"delta of adapter {adapter_ids[int(np.argmin(finite))]}: contains NaN or Inf")
+            raise CacheError(f"entry of adapter {adapter_ids[int(np.argmin(finite))]}: contains NaN or Inf")
         records = {aid: {"adapter_id": aid, "path": None if p is None else str(p),
                          "task": None if t is None else str(t)}
                    for aid, p, t in zip(adapter_ids, paths, tasks)}
-        self._write("adapters", ctx, dict(zip(adapter_ids, deltas)), records)
+        self._write("adapters", ctx, dict(zip(adapter_ids, arrays)), records)
 
     def put_base_activation(self, ctx: DeltaContext, activation: torch.Tensor | np.ndarray) -> None:
-        """Store the base activation v(base), float32 (H,), of a context."""
-        activation = _float32(activation, "base activation", ndim=1)
+        """Store the base activation v(base) of a context, float32 of the context's shape ((H,), (P, H) ...)."""
+        activation = _float32(activation, "base activation", min_ndim=1)
         if not np.isfinite(activation).all():
             raise CacheError("base activation: contains NaN or Inf")
         self._write("base_activations", ctx, {BASE_ACTIVATION: activation}, {BASE_ACTIVATION: {}})
@@ -384,7 +405,9 @@ class DeltaCache:
             os.close(fd)  # releases the lock
 
     def _load_manifest(self) -> tuple[dict, list[str]]:
-        """The manifest without unusable parts, and one line per part left out (corrupt file, stale context)."""
+        """The manifest without unusable parts, and one line per part left out (corrupt file, stale context).
+
+        A format-1 manifest raises a CacheError: replacing it would discard a cache someone may still use."""
         path = self.root / MANIFEST
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -392,6 +415,9 @@ class DeltaCache:
             return _empty_manifest(), []
         except (OSError, ValueError) as e:
             return _empty_manifest(), [f"{path}: unreadable or not JSON ({_first_line(e)}); started a fresh manifest"]
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT_1:
+            raise CacheError(f"{path}: a delta cache of format {FORMAT_1} (one mean delta per adapter); this version "
+                             f"stores per-probe entries: delete {self.root} or use another cache directory")
         if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT
                 and all(isinstance(manifest.get(k), dict) for k in ("contexts", "base_activations", "adapters"))
                 and isinstance(manifest.get("primary_context"), (str, type(None)))):
@@ -399,14 +425,14 @@ class DeltaCache:
         problems, stale = [], set()
         for ctx_id, record in list(manifest["contexts"].items()):
             try:
-                valid = _context_id(record) == ctx_id and isinstance(record["hidden_size"], int)
+                valid = _context_id(record) == ctx_id and _valid_shape(record["shape"])
             except (KeyError, TypeError):
                 valid = False
             if not valid:
                 del manifest["contexts"][ctx_id]
                 stale.add(ctx_id)
-                problems.append(f"{path}: context {ctx_id} does not match its recorded fingerprint, probe hash "
-                                f"or settings; dropped it and its arrays, they will be recomputed")
+                problems.append(f"{path}: context {ctx_id} does not match its recorded fingerprint, probe hash or "
+                                f"settings, or has no valid shape; dropped it and its arrays, they will be recomputed")
         for section in ("base_activations", "adapters"):
             for stem, record in list(manifest[section].items()):
                 ctx_id = record.get("context") if isinstance(record, dict) else None
@@ -424,7 +450,7 @@ class DeltaCache:
             return None, f"recorded for context {record['context']}, not {ctx_id}"
         if not _STEM.fullmatch(stem) or not isinstance(record.get("sha256"), str):
             return None, "malformed manifest record"
-        expected = (manifest["contexts"][record["context"]]["hidden_size"],)
+        expected = tuple(manifest["contexts"][record["context"]]["shape"])
         file = self.root / f"{stem}.npy"
         try:
             with open(file, "rb") as f:
@@ -485,25 +511,26 @@ class DeltaCache:
 
     def _write(self, section: str, ctx: DeltaContext, arrays: dict[str, np.ndarray],
                records: dict[str, dict]) -> None:
-        """Write arrays {name: (H,)} and their records for ``ctx``, then the manifest, under the exclusive lock."""
-        hidden_size = len(next(iter(arrays.values())))
+        """Write arrays {name: array} of one shape and their records for ``ctx``, then the manifest, under the
+        exclusive lock; the first array of a context fixes its shape."""
+        shape = next(iter(arrays.values())).shape
         with self._lock(exclusive=True):
             manifest, problems = self._load_manifest()
             self._warn(problems)
             if not self._swept:
                 self._warn(self._sweep())
                 self._swept = True
-            context = manifest["contexts"].setdefault(ctx.id, {**ctx.record(), "hidden_size": hidden_size})
-            if context["hidden_size"] != hidden_size:
-                raise CacheError(f"{section}: arrays of H={hidden_size}, but this context ({ctx.base_model}) "
-                                 f"stores H={context['hidden_size']}")
+            context = manifest["contexts"].setdefault(ctx.id, {**ctx.record(), "shape": list(shape)})
+            if tuple(context["shape"]) != shape:
+                raise CacheError(f"{section} of shape {shape} for context {ctx.id} ({ctx.base_model}), which stores "
+                                 f"shape {tuple(context['shape'])}: every array of a context has its shape")
             if manifest["primary_context"] is None:
                 manifest["primary_context"] = ctx.id
             for name, array in arrays.items():
                 stem = _stem(name, ctx.id, manifest)
                 with atomic_path(self.root / f"{stem}.npy", fsync=False) as tmp, open(tmp, "wb") as f:
                     np.save(f, array, allow_pickle=False)
-                manifest[section][stem] = {**records[name], "context": ctx.id, "shape": [hidden_size],
+                manifest[section][stem] = {**records[name], "context": ctx.id, "shape": list(shape),
                                            "norm": float(np.linalg.norm(array)), "sha256": _checksum(array)}
             self._write_manifest(manifest)
 

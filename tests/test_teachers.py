@@ -24,7 +24,7 @@ from llgbm_ext.teachers import pipeline
 from llgbm_ext.teachers.batches import encode_task, make_batch, step_indices
 from llgbm_ext.teachers.config import TeacherConfig, TeacherError
 from llgbm_ext.teachers.pipeline import prompt_format, teacher_layout, train_teachers
-from llgbm_ext.teachers.train import GroupTrainer, clip_per_task, learning_rate
+from llgbm_ext.teachers.train import GroupTrainer, clip_per_task, init_factors, learning_rate
 
 SMALL = dict(warmup_steps=8, snapshot_every=2, snapshots=3, batch_size=4, lr=2e-2, lr_warmup=2, max_length=48,
              save_every=4, eval_limit=8, probes=None)
@@ -71,6 +71,36 @@ def test_both_layouts_and_manifest_load_back(run_dir):
     assert a[key].abs().sum() > 0 and not torch.equal(a[key], b[key])
 
 
+def test_shared_init_is_identical_across_tasks_and_recorded(run_dir, tiny_model_dir):
+    out, report = run_dir
+    layout = report.layout
+    names = ["shift_1", "category_food", "rank_2"]
+    shared = init_factors(layout, names, seed=0)
+    again = init_factors(layout, list(reversed(names)), seed=0)
+    for proj, (a, b) in shared.items():
+        assert all(torch.equal(a[0], a[k]) for k in range(1, 3)) and not b.any()  # one A for all tasks, B = 0
+        assert torch.equal(a[0], again[proj][0][0])  # reproducible, whatever the task order
+        assert not torch.equal(a[0], init_factors(layout, names, seed=1)[proj][0][0])  # the seed matters
+    per_task = init_factors(layout, names, seed=0, init="per-task")["q_proj"][0]
+    assert not torch.equal(per_task[0], per_task[1])  # the ablation: each task draws its own
+    teachers = load_teacher_set(out)
+    assert teachers.init == {"kind": "shared", "seed": 0, "path": "init"}
+    start = load_adapter(teachers.init_adapter, layout).state_dict
+    assert torch.equal(start[peft_key(0, "q_proj", "A")], shared["q_proj"][0][0, 0])
+    assert not start[peft_key(0, "q_proj", "B")].any()
+
+
+def test_per_task_init_records_no_shared_adapter(tiny_model_dir, tmp_path):
+    config = _config(tiny_model_dir, tasks=("category_food",), init="per-task", warmup_steps=0, snapshots=1,
+                     eval_limit=0)
+    train_teachers(config, tmp_path, progress=False)
+    teachers = load_teacher_set(tmp_path)
+    assert teachers.init == {"kind": "per-task", "seed": 0} and teachers.init_adapter is None
+    assert not (tmp_path / "init").exists()
+    with pytest.raises(TeacherError, match="init must be one of"):
+        _config(tiny_model_dir, init="random")
+
+
 def test_loss_falls_and_logs(run_dir):
     out, report = run_dir
     for row in report.rows:
@@ -87,9 +117,9 @@ def test_deltas_are_cached(run_dir, tiny_model, tiny_model_dir):
     cache = DeltaCache(out / "deltas")
     assert sorted(e.task for e in cache.entries(context)) == ["category_food"] * 3 + ["shift_1"] * 3
     paths = [e.path for e in load_teacher_set(out).entries]
-    cached = cache.get_many(adapter_ids(paths, computer), context)
-    fresh = computer.teacher_deltas(paths[-1:], progress=False)[0].numpy()
-    assert len(cached) == 6 and np.allclose(cached[adapter_ids(paths[-1:], computer)[0]], fresh, atol=1e-5)
+    cached = cache.get_many(adapter_ids(paths, report.layout), context)
+    fresh = computer.teacher_probe_deltas(paths[-1:], progress=False)[0].numpy()  # per probe (P, H)
+    assert len(cached) == 6 and np.allclose(cached[adapter_ids(paths[-1:], report.layout)[0]], fresh, atol=1e-5)
 
 
 def test_batched_steps_equal_peft(tiny_model_dir):

@@ -49,6 +49,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                         help=f"tasks trained together in one forward (default {d.tasks_per_group})")
     budget.add_argument("--save-every", type=positive_int, default=d.save_every, help=f"steps between resume points (default {d.save_every})")
     budget.add_argument("--seed", type=int, default=d.seed)
+    budget.add_argument("--init", choices=["shared", "per-task"], default=d.init,
+                        help="shared: every task's LoRA starts from one initialisation (default, as DnD collects its "
+                             "checkpoints under one seed); per-task: each task draws its own")
     budget.add_argument("--quick", action="store_true",
                         help="CI smoke budget: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     after = p.add_argument_group("evaluation and deltas")
@@ -96,7 +99,7 @@ def config_from_args(args):
         warmup_steps=_budget(args, "warmup_steps", QUICK, d.warmup_steps),
         snapshot_every=_budget(args, "snapshot_every", QUICK, d.snapshot_every),
         snapshots=_budget(args, "snapshots", QUICK, d.snapshots),
-        tasks_per_group=args.tasks_per_group, save_every=args.save_every, seed=args.seed, max_prompts=args.max_prompts,
+        tasks_per_group=args.tasks_per_group, save_every=args.save_every, seed=args.seed, init=args.init, max_prompts=args.max_prompts,
         eval_limit=_budget(args, "eval_limit", QUICK, d.eval_limit),
         probes=None if args.no_deltas else args.probes, delta_cache=args.delta_cache, dtype=args.dtype, device=device,
     )

@@ -62,8 +62,8 @@ def end_token_id(tokenizer, fmt: PromptFormat) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def encode_task(task: Task, tokenizer, fmt: PromptFormat, max_length: int, pad_id: int) -> EncodedTask:
-    """Tokenize every usable training example of ``task``."""
+def training_pairs(task: Task, fmt: PromptFormat, tokenizer) -> tuple[list[str], list[str], int]:
+    """(contexts, targets, skipped) of a task's usable training examples, as teachers are trained on them."""
     contexts, targets, skipped = [], [], 0
     for example in task.train:
         try:
@@ -73,8 +73,14 @@ def encode_task(task: Task, tokenizer, fmt: PromptFormat, max_length: int, pad_i
             continue
         contexts.append(context(example, fmt, tokenizer))
         targets.append(answer)
+    return contexts, targets, skipped
+
+
+def encode_pairs(name: str, contexts: list[str], targets: list[str], tokenizer, fmt: PromptFormat, max_length: int,
+                 pad_id: int, skipped: int = 0) -> EncodedTask:
+    """Tokenize (context, target) pairs as training sequences (see the module docstring)."""
     if not contexts:
-        raise TeacherError(f"task {task.name}: no training example has a usable answer ({skipped} skipped)")
+        raise TeacherError(f"task {name}: no training example has a usable answer ({skipped} skipped)")
     end = end_token_id(tokenizer, fmt)
     context_ids = tokenizer(contexts, add_special_tokens=not fmt.chat_template)["input_ids"]
     target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
@@ -88,7 +94,13 @@ def encode_task(task: Task, tokenizer, fmt: PromptFormat, max_length: int, pad_i
     ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
-    return EncodedTask(task.name, ids, lengths, torch.tensor(num_target), pad_id, skipped)
+    return EncodedTask(name, ids, lengths, torch.tensor(num_target), pad_id, skipped)
+
+
+def encode_task(task: Task, tokenizer, fmt: PromptFormat, max_length: int, pad_id: int) -> EncodedTask:
+    """Tokenize every usable training example of ``task``."""
+    contexts, targets, skipped = training_pairs(task, fmt, tokenizer)
+    return encode_pairs(task.name, contexts, targets, tokenizer, fmt, max_length, pad_id, skipped)
 
 
 def task_seed(seed: int, name: str) -> int:

@@ -17,6 +17,8 @@ from ..errors import LLGBMError
 from ..lora.layout import PROJECTIONS
 
 AnswerStyle = Literal["cloze", "option", "letter"]
+Init = Literal["shared", "per-task"]
+INIT_KINDS = ("shared", "per-task")
 
 
 class TeacherError(LLGBMError):
@@ -44,6 +46,8 @@ class TeacherConfig:
         tasks_per_group: tasks trained together in one batched forward (K).
         save_every: steps between saved training states (resume points).
         seed: initialisation and batch order.
+        init: ``shared`` (default): every task's LoRA starts from one initialisation, recorded in the
+            manifest and written to ``<out>/init``; ``per-task``: each task draws its own (ablations).
         max_prompts: condition prompts kept per real task (the synthetic suite has its own).
         eval_limit: test examples scored per task for the base/teacher table (None: all; 0: no evaluation).
         probes: probe set of the teacher deltas; None: no deltas.
@@ -73,6 +77,7 @@ class TeacherConfig:
     tasks_per_group: int = 32
     save_every: int = 10
     seed: int = 0
+    init: Init = "shared"
     max_prompts: int = 256
     eval_limit: int | None = 128
     probes: str | None = "generic"
@@ -98,6 +103,8 @@ class TeacherConfig:
             raise TeacherError(f"answer_style must be cloze, option or letter, got {self.answer_style!r}")
         if self.eval_limit is not None and self.eval_limit < 0:
             raise TeacherError(f"eval_limit must not be negative, got {self.eval_limit}")
+        if self.init not in INIT_KINDS:
+            raise TeacherError(f"init must be one of {', '.join(INIT_KINDS)}, got {self.init!r}")
         if not self.tasks:
             raise TeacherError("no tasks given")
         if len(set(self.tasks)) != len(self.tasks):

@@ -24,6 +24,8 @@ from .config import TeacherConfig
 from .tasks import TeacherTask
 
 LOSS_LOG = "loss.jsonl"
+TRAIN_INPUTS = "train_inputs.json"
+TRAIN_INPUTS_KEPT = 256  # training inputs per task kept for task-grounded probes and output matching
 
 
 def adapter_name(task: str, index: int) -> str:
@@ -57,6 +59,17 @@ def write_snapshot(out: Path, task: TeacherTask, index: int, step: int, state_di
     save_peft_adapter(state_dict, peft_dir, layout, base_model_name_or_path=model_name,
                       extra_json={"prompts.json": {"task": task.name, "prompts": task.prompts}})
     link_or_copy(peft_dir / WEIGHTS_NAME, out / dnd_file(task, step))
+
+
+def write_train_inputs(out: Path, task: TeacherTask, contexts: list[str], targets: list[str], fmt: PromptFormat) -> str:
+    """The task's first training inputs in the teachers' answer format, ``<task>/train_inputs.json``:
+    what task-grounded probes and the KL signal run the base model on (train split only). Returns the
+    path relative to ``out``."""
+    relative = f"{task.name}/{TRAIN_INPUTS}"
+    inputs = [{"context": c, "answer": t} for c, t in zip(contexts[:TRAIN_INPUTS_KEPT], targets[:TRAIN_INPUTS_KEPT])]
+    write_text(out / relative, json.dumps({"task": task.name, "format": format_record(fmt), "inputs": inputs},
+                                          indent=1) + "\n")
+    return relative
 
 
 # --- loss logs -----------------------------------------------------------------------------------
@@ -116,7 +129,24 @@ def manifest_entries(out: Path, tasks: list[TeacherTask], config: TeacherConfig,
     return info, adapters
 
 
+INIT_DIR = "init"
+
+
+def init_record(config: TeacherConfig) -> dict:
+    """The manifest's ``init`` entry: how the teachers were initialised, and where the shared start is."""
+    return {"kind": config.init, "seed": config.seed, **({"path": INIT_DIR} if config.init == "shared" else {})}
+
+
+def write_initial_adapter(out: Path, layout: LoraLayout, config: TeacherConfig, model_name: str) -> None:
+    """The shared initial adapter as a PEFT directory ``<out>/init`` (nothing for per-task inits); written
+    once (a run continued in the same folder has the same settings, so the same initialisation)."""
+    from .train import initial_adapter
+
+    if config.init == "shared" and not (out / INIT_DIR / WEIGHTS_NAME).is_file():
+        save_peft_adapter(initial_adapter(layout, config.seed), out / INIT_DIR, layout, base_model_name_or_path=model_name)
+
+
 def write_teacher_manifest(out: Path, model_name: str, layout: LoraLayout, tasks: list[TeacherTask],
                            config: TeacherConfig, fmt: PromptFormat, quality: dict[str, dict]) -> Path:
     info, adapters = manifest_entries(out, tasks, config, fmt, quality)
-    return write_manifest(out, model_name, layout, info, adapters)
+    return write_manifest(out, model_name, layout, info, adapters, init_record(config))

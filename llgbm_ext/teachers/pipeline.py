@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from ..atomic import write_text
 from ..data.formatting import PromptFormat
 from ..lora.layout import LoraLayout, layout_from_config
-from .batches import EncodedTask, encode_task
+from .batches import EncodedTask, encode_pairs, training_pairs
 from .config import TeacherConfig, TeacherError
 from .output import (
-    adapter_path, append_losses, dnd_file, read_losses, snapshot_loss, truncate_losses, write_snapshot,
-    write_teacher_manifest,
+    adapter_path, append_losses, dnd_file, read_losses, snapshot_loss, truncate_losses, write_initial_adapter, write_train_inputs,
+    write_snapshot, write_teacher_manifest,
 )
 from .tasks import TeacherTask, load_teacher_tasks
 from .train import GroupTrainer, learning_rate
@@ -169,16 +169,20 @@ def train_teachers(config: TeacherConfig, out_dir: str | Path, progress: bool = 
     fmt = prompt_format(config)
     report = TeacherReport(out=out, layout=layout)
 
+    write_initial_adapter(out, layout, config, name)
     start = time.perf_counter()
     answer_tokens: dict[str, int] = {}
     quality: dict[str, dict] = {}
     for g in range(0, len(tasks), config.tasks_per_group):
         group = tasks[g : g + config.tasks_per_group]
-        encoded: list[EncodedTask] = [encode_task(t.task, tokenizer, fmt, config.max_length, tokenizer.pad_token_id)
-                                      for t in group]
-        for t, e in zip(group, encoded):
+        encoded: list[EncodedTask] = []
+        for t in group:
+            contexts, targets, skipped = training_pairs(t.task, fmt, tokenizer)
+            e = encode_pairs(t.name, contexts, targets, tokenizer, fmt, config.max_length, tokenizer.pad_token_id, skipped)
+            encoded.append(e)
             answer_tokens[t.name] = int(e.num_target.max())
-            quality[t.name] = {"train_used": len(e), "train_skipped": e.skipped}
+            quality[t.name] = {"train_used": len(e), "train_skipped": e.skipped,
+                               "train_inputs": write_train_inputs(out, t, contexts, targets, fmt)}
         trainer = GroupTrainer(model, layout, encoded, config, out / STATE_DIR / f"group_{g // config.tasks_per_group:03d}")
         train_group(trainer, group, out, config, name, progress)
     report.seconds["train"] = time.perf_counter() - start

@@ -31,14 +31,26 @@ from ..delta.functional import FunctionalLoRA, get_backbone
 from ..lora.factors import LoraFactors, state_dict_from_factors
 from ..lora.layout import LoraLayout
 from .batches import Batch, EncodedTask, make_batch, step_indices, task_seed
-from .config import TeacherConfig, TeacherError
+from .config import INIT_KINDS, TeacherConfig, TeacherError
 
 
-def init_factors(layout: LoraLayout, names: list[str], seed: int) -> LoraFactors:
-    """PEFT's initialisation per task (A ~ U(±1/√in), i.e. kaiming-uniform with a = √5; B = 0), seeded by
-    (seed, task), stacked into trainable leaf tensors with leading dim K."""
+SHARED_INIT = "shared init"  # the name whose task_seed seeds the one initialisation all tasks share
+
+
+def init_factors(layout: LoraLayout, names: list[str], seed: int, init: str = "shared") -> LoraFactors:
+    """PEFT's initialisation (A ~ U(±1/√in), i.e. kaiming-uniform with a = √5; B = 0), stacked into
+    trainable leaf tensors with leading dim K.
+
+    ``init="shared"``: every task starts from the same A, drawn from ``(seed, SHARED_INIT)``, as DnD's
+    data collection runs every data set under one fixed seed; the teachers then share a basis, and a
+    generator can learn their differences instead of their random starting points. ``"per-task"``: A
+    drawn from ``(seed, task)``, so the teachers share nothing (for ablations).
+    """
+    if init not in INIT_KINDS:
+        raise TeacherError(f"init must be one of {', '.join(INIT_KINDS)}, got {init!r}")
+    seeds = [task_seed(seed, SHARED_INIT if init == "shared" else name) for name in names]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
     factors = {}
-    generators = [torch.Generator().manual_seed(task_seed(seed, name)) for name in names]
     for proj in layout.targets:
         a_shape, b_shape = layout.factor_shapes(proj)
         bound = 1.0 / math.sqrt(a_shape[1])
@@ -46,6 +58,12 @@ def init_factors(layout: LoraLayout, names: list[str], seed: int) -> LoraFactors
         b = torch.zeros(len(names), layout.num_layers, *b_shape)
         factors[proj] = (a.requires_grad_(True), b.requires_grad_(True))
     return factors
+
+
+def initial_adapter(layout: LoraLayout, seed: int) -> dict[str, Tensor]:
+    """The shared initial adapter of a teacher run (PEFT state dict): what every task's LoRA starts from."""
+    factors = init_factors(layout, [SHARED_INIT], seed, "shared")
+    return state_dict_from_factors({p: (a[0].detach(), b[0].detach()) for p, (a, b) in factors.items()}, layout)
 
 
 def task_losses(model: nn.Module, lora: FunctionalLoRA, factors: LoraFactors, batch: Batch) -> Tensor:
@@ -92,7 +110,7 @@ class GroupTrainer:
         self.device = next(model.parameters()).device
         self.lora = FunctionalLoRA(model, layout)
         self.factors = {p: tuple(t.detach().to(self.device).requires_grad_(True) for t in ab)
-                        for p, ab in init_factors(layout, self.names, config.seed).items()}
+                        for p, ab in init_factors(layout, self.names, config.seed, config.init).items()}
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
                                            weight_decay=config.weight_decay)
         self.step = 0  # optimizer steps done

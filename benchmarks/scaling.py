@@ -91,7 +91,8 @@ def worker(out: Path, overrides: list[str]) -> None:
     trainer = Trainer(cfg, progress=False).setup()
     trainer.train()
     acc = trainer.accelerator
-    probe_tokens = trainer.computer.batch.input_ids.numel() if cfg.loss.uses_delta else 0  # probes x length
+    delta = trainer.signals.get("delta") if cfg.loss.uses_delta else None
+    probe_tokens = delta.computer.input_ids[0].numel() if delta else 0  # probes x length of one adapter
     record = {
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
         "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,

@@ -1,5 +1,6 @@
 """A small teacher set written by code, for tests that need one without training teachers."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -10,8 +11,12 @@ from llgbm_ext.lora.factors import random_factors, state_dict_from_factors
 from llgbm_ext.lora.layout import get_layout
 
 
+FORMAT = {"answer_style": "option", "chat_template": False, "use_system": False, "separator": "\nAnswer:"}
+
+
 def write_fake_teachers(root, tasks=("add_1", "add_2", "add_3"), per_task=2, seed=0) -> Path:
-    """Per task, ``per_task`` snapshots around one random adapter, with its own condition prompts."""
+    """Per task, ``per_task`` snapshots around one random adapter, with its own condition prompts and
+    training inputs (``<task>/train_inputs.json``)."""
     root = Path(root)
     layout = get_layout("tiny")
     g = torch.Generator().manual_seed(seed)
@@ -27,6 +32,9 @@ def write_fake_teachers(root, tasks=("add_1", "add_2", "add_3"), per_task=2, see
             adapters.append({"name": f"{task}_{i:03d}", "task": task, "path": rel, "step": i,
                              "dnd_file": f"data/fake/{task}/{i}.safetensors"})
         words = task.replace("_", " ")
-        info[task] = {"kind": "exact", "family": "fake", "prompts": [f"{words}: {n} and {n + 2}" for n in range(24)]}
+        inputs = [{"context": f"{words}: {n} and {n + 2}\nAnswer:", "answer": f" {n + 1}"} for n in range(24)]
+        (root / task / "train_inputs.json").write_text(json.dumps({"task": task, "format": FORMAT, "inputs": inputs}))
+        info[task] = {"kind": "exact", "family": "fake", "prompts": [f"{words}: {n} and {n + 2}" for n in range(24)],
+                      "format": FORMAT, "train_inputs": f"{task}/train_inputs.json"}
     write_manifest(root, "tiny", layout, info, adapters)
     return root

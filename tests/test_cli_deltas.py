@@ -42,8 +42,9 @@ def test_deltas_cli_caches_and_summarises(adapters, capsys, monkeypatch):
     assert len(manifest["contexts"]) == 1
     records = manifest["adapters"]
     tasks = [r["task"] for r in records.values()]
-    deltas = np.stack([np.load(out / f"{stem}.npy") for stem in records])
-    names, matrix = task_cosines(deltas, tasks)
+    deltas = np.stack([np.load(out / f"{stem}.npy") for stem in records])  # per probe (6, P, H)
+    assert deltas.shape == (6, 5, 128)
+    names, matrix = task_cosines(deltas.mean(1), tasks)  # the probe-averaged Δ
     assert names == ["down", "up"] and matrix[0, 1] < min(matrix[0, 0], matrix[1, 1]) - 0.2  # tasks are told apart
 
     import llgbm_ext.delta.deltas as deltas_module
@@ -51,7 +52,7 @@ def test_deltas_cli_caches_and_summarises(adapters, capsys, monkeypatch):
     def no_compute(*args, **kwargs):
         raise AssertionError("a cached delta was recomputed")
 
-    monkeypatch.setattr(deltas_module.DeltaComputer, "teacher_deltas", no_compute)
+    monkeypatch.setattr(deltas_module.DeltaComputer, "teacher_probe_deltas", no_compute)
     assert main(argv[:-1]) == 0  # second run: every delta is a cache hit
     monkeypatch.undo()
     assert main(argv[:-1] + ["--probes", "domain:math"]) == 0  # another probe set: a new context

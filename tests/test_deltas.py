@@ -8,9 +8,9 @@ import torch
 from peft import PeftModel
 
 from llgbm_ext.delta import deltas as deltas_module
-from llgbm_ext.delta.activations import base_activation
+from llgbm_ext.delta.activations import base_activation, base_probe_states
 from llgbm_ext.delta.deltas import DeltaComputer, delta_settings, load_teacher_factors
-from llgbm_ext.delta.probes import encode_probes, get_probe_set
+from llgbm_ext.delta.probes import ProbeSet, encode_probes, get_probe_set
 from llgbm_ext.errors import AdapterError
 from llgbm_ext.lora.adapters import save_dnd_checkpoint, save_peft_adapter
 from llgbm_ext.lora.factors import random_factors, state_dict_from_factors
@@ -43,18 +43,20 @@ def adapter_paths(tmp_path, factors):
     return paths
 
 
-def peft_reference(model_dir, adapter_dir):
-    """The paper's recipe with PEFT on a fresh model: each probe alone, unpadded; v(adapted) - v(base)."""
+def peft_reference(model_dir, adapter_dir, probes=PROBES, per_probe=False):
+    """The paper's recipe with PEFT on a fresh model: each probe alone, unpadded; v(adapted) - v(base),
+    per probe (P, H) or averaged (H,)."""
     model, tokenizer = load_base_model(model_dir)
-    probe_ids = [torch.tensor([tokenizer(text)["input_ids"]]) for text in PROBES.texts]
+    probe_ids = [torch.tensor([tokenizer(text)["input_ids"]]) for text in probes.texts]
 
     def v(m):
         with torch.no_grad():
-            last = [m(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1].float() for ids in probe_ids]
-        return torch.stack(last).mean(0)
+            return torch.stack([m(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1].float()
+                                for ids in probe_ids])
 
     v_base = v(model)  # before PEFT injects its layers into the model
-    return v(PeftModel.from_pretrained(model, adapter_dir)) - v_base
+    delta = v(PeftModel.from_pretrained(model, adapter_dir)) - v_base
+    return delta if per_probe else delta.mean(0)
 
 
 def test_teacher_and_student_deltas_share_one_path_and_match_peft(tiny_model, tiny_model_dir, adapter_paths, factors):
@@ -77,6 +79,27 @@ def test_teacher_and_student_deltas_share_one_path_and_match_peft(tiny_model, ti
         a[0], b[0] = a[0].bfloat16().float(), b[0].bfloat16().float()
         b[1] *= 2
     torch.testing.assert_close(computer.deltas(generated), teacher, rtol=0, atol=1e-5)
+
+
+def test_per_probe_deltas_on_own_probe_sets_match_peft_one_adapter_at_a_time(tiny_model, tiny_model_dir,
+                                                                            adapter_paths):
+    """Each adapter on its own probe set (as task probes give every task's adapters their task's inputs),
+    all in one forward, equals PEFT run one adapter and one probe at a time."""
+    sets = [ProbeSet("task:a", ("Kind 2: cat red sun egg arm\nAnswer:", "Which word is a colour?", "Shift 1: a b")),
+            ProbeSet("task:b", ("Which number is 2nd smallest?\nA: 4\nB: 17", "x", "Kind 5: sea pink rice soup cow"))]
+    computer = DeltaComputer(*tiny_model, LAYOUT, sets, padding_side="left")
+    deltas = computer.teacher_probe_deltas(adapter_paths[:2], sets=[1, 0], batch_size=2, progress=False)
+    assert deltas.shape == (2, 3, LAYOUT.hidden_size)
+    for k, (path, s) in enumerate(zip(adapter_paths[:2], [1, 0])):
+        torch.testing.assert_close(deltas[k], peft_reference(tiny_model_dir, path, sets[s], per_probe=True),
+                                   rtol=0, atol=1e-5)
+    torch.testing.assert_close(computer.deltas(load_teacher_factors(adapter_paths[:2], LAYOUT, torch.float32, "cpu"),
+                                               [1, 0]), deltas.mean(1), rtol=0, atol=1e-6)
+    assert computer.all_settings[0].probe_hash != computer.all_settings[1].probe_hash
+    with pytest.raises(ValueError, match="same number of probes"):
+        DeltaComputer(*tiny_model, LAYOUT, [sets[0], PROBES])
+    with pytest.raises(ValueError, match="one probe-set index per adapter"):
+        computer.probe_deltas(load_teacher_factors(adapter_paths[:2], LAYOUT, torch.float32, "cpu"), [0])
 
 
 def test_base_activation_stays_bit_identical(tiny_model, adapter_paths, factors):
@@ -138,7 +161,7 @@ def test_settings_key(tiny_model):
 def test_base_activation_computed_once(tiny_model_dir, monkeypatch):
     model, tokenizer = load_base_model(tiny_model_dir)  # a fresh model: nothing memoised for it yet
     calls = []
-    monkeypatch.setattr(deltas_module, "base_activation", lambda *a: calls.append(1) or base_activation(*a))
+    monkeypatch.setattr(deltas_module, "base_probe_states", lambda *a: calls.append(1) or base_probe_states(*a))
     first = DeltaComputer(model, tokenizer, LAYOUT, PROBES)
     second = DeltaComputer(model, tokenizer, LAYOUT, PROBES)
     assert torch.equal(first.base_activation, second.base_activation) and len(calls) == 1
@@ -148,8 +171,9 @@ def test_base_activation_computed_once(tiny_model_dir, monkeypatch):
 
 def test_known_base_activation_is_used(tiny_model_dir):
     model, tokenizer = load_base_model(tiny_model_dir)
-    known = torch.full((LAYOUT.hidden_size,), 0.5)
-    assert torch.equal(DeltaComputer(model, tokenizer, LAYOUT, PROBES, base_activation=known).base_activation, known)
+    known = torch.full((len(PROBES), LAYOUT.hidden_size), 0.5)  # per probe, as the DeltaCache stores it
+    computer = DeltaComputer(model, tokenizer, LAYOUT, PROBES, base_activation=known)
+    assert torch.equal(computer.base_states(), known) and torch.equal(computer.base_activation, known[0])
     with pytest.raises(ValueError, match="expected"):
         DeltaComputer(model, tokenizer, LAYOUT, PROBES, base_activation=torch.zeros(3))
 

@@ -9,6 +9,8 @@ noise and in-place criterion, and ``forward(source, mask, condition, target, noi
 
 from __future__ import annotations
 
+import json
+
 import os
 import pickle
 import subprocess
@@ -29,7 +31,10 @@ from llgbm_ext.config import ConfigError
 from llgbm_ext.delta import DeltaComputer, get_probe_set
 from llgbm_ext.dnd import DnDPluginConfig, DnDTargets, PluginSession, builtin_hooks, installed_hooks
 from llgbm_ext.dnd.hooks import HookError
-from llgbm_ext.dnd.loss import DeltaTerm
+from llgbm_ext.dnd.loss import BehaviourTerm
+from llgbm_ext.training.config import KLConfig
+from llgbm_ext.errors import LLGBMError
+from llgbm_ext.lora.tokens import detokenize
 from llgbm_ext.dnd.metrics import format_terms
 from llgbm_ext.dnd.rows import RowError, RowIdCollate, token_fingerprint
 from llgbm_ext.dnd.runner import ROOT_NAME, RunnerError, run_dnd_script
@@ -329,10 +334,13 @@ def test_delta_term_value_and_gradients(tmp_path, dnd_tree):
         loss.backward()  # DnD's criterion wrote into its (cloned) input: no autograd error
 
         # independent recomputation: DnD criterion semantics and deltas of the first two rows
-        term = DeltaTerm.build(session.config, tmp_path, [p for _, _, p in items], torch.device("cpu"))
+        term = BehaviourTerm.build(session.config, tmp_path, [p for _, _, p in items], torch.device("cpu"))
+        delta = term.signals["delta"]
         with torch.no_grad():
             pred = model.model(model.extract_condition({"input_ids": ids}))
-            expected_delta = DeltaLoss("nmse")(term.student(pred[:2]), term.teachers.for_rows([[p] for _, _, p in items[:2]]))
+            student = delta.computer.deltas(detokenize(pred[:2], term.layout))
+            teacher = delta.computer.teacher_deltas([p for _, _, p in items[:2]], progress=False)
+            expected_delta = DeltaLoss("nmse")(student, teacher)
             expected_weight = TokenMSELoss(model.criterion_weight.flatten())(pred, tokens.float())
         assert latest["loss/delta"] == pytest.approx(expected_delta["loss"].item(), rel=1e-4)
         assert latest["loss/weight"] == pytest.approx(expected_weight["loss"].item(), rel=1e-4)
@@ -348,18 +356,69 @@ def test_delta_term_value_and_gradients(tmp_path, dnd_tree):
         assert "loss/weight" in session.metrics.latest  # monitored at λw = 0
 
 
+def _write_train_inputs(folder: Path) -> Path:
+    """<Dataset>.json training inputs of the two tasks, in the format ``llgbm teachers`` writes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fmt = {"answer_style": "option", "chat_template": False, "use_system": False, "separator": "\nAnswer:"}
+    for task in ("taskA", "taskB"):
+        inputs = [{"context": f"question {i} about {task}\nAnswer:", "answer": f" {i + 3}"} for i in range(8)]
+        (folder / f"{task}.json").write_text(json.dumps({"task": task, "format": fmt, "inputs": inputs}))
+    return folder
+
+
+def test_kl_and_task_delta_signals_through_the_loss_hook(tmp_path, dnd_tree):
+    """Both signals through the same hook: λw·L_weight + λd·L_delta(task probes) + λkl·L_kl, gradients reach
+    the decoder through the behaviour terms alone (λw = 0); the terms are those the signals compute."""
+    inputs = _write_train_inputs(tmp_path / "inputs")
+    dataset0 = make_dataset(dnd_tree)
+    anchor = dataset0[0][0].float()
+    config = dict(lambda_weight=0.0, lambda_delta=0.5, lambda_kl=2.0, signals=("delta", "kl"), probes="task",
+                  probes_per_task=3, reduce="none", train_inputs=str(inputs), kl=KLConfig(examples=4, per_step=2))
+    session = session_for(tmp_path, **config)
+    with installed_hooks(session):
+        dataset = make_dataset(dnd_tree)
+        model = make_model(anchor).train()
+        items = [dataset[i] for i in (0, 4)]
+        tokens, ids, mask = dataset.collate_fn_train(items)
+        loss = training_step(model, tokens.clone(), ids, mask, noise=None)
+        latest = session.metrics.latest
+        assert {"loss/delta", "loss/kl", "agreement/kl", "cos/delta"} <= set(latest)
+        assert loss.item() == pytest.approx(0.5 * latest["loss/delta"] + 2.0 * latest["loss/kl"], rel=1e-5)
+        loss.backward()
+        grads = [p.grad for p in model.model.parameters() if p.requires_grad]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    term = BehaviourTerm.build(session.config, tmp_path, [p for _, _, p in items], torch.device("cpu"))
+    assert term.signals["delta"].computer.probe_sets[0].texts == tuple(f"question {i} about taskA\nAnswer:" for i in range(3))
+
+
+def test_train_inputs_missing_is_one_line(tmp_path, dnd_tree):
+    paths = sorted(str(p) for p in dnd_tree.rglob("*.safetensors"))
+    config = DnDPluginConfig(base_model="tiny", layout="tiny", dtype="float32", cache_dir=str(tmp_path / "cache"),
+                             signals=("kl",), lambda_kl=1.0)
+    with pytest.raises(LLGBMError, match="set train_inputs"):
+        BehaviourTerm.build(config, tmp_path, paths, torch.device("cpu"))
+    inputs = _write_train_inputs(tmp_path / "inputs")
+    (inputs / "taskB.json").unlink()
+    config = DnDPluginConfig(**{**config.__dict__, "train_inputs": str(inputs)})
+    with pytest.raises(LLGBMError, match=r"taskB.json: missing"):
+        BehaviourTerm.build(config, tmp_path, paths, torch.device("cpu"))
+
+
 def test_teacher_deltas_come_from_cache_after_first_build(tmp_path, dnd_tree, monkeypatch):
     paths = sorted(str(p) for p in dnd_tree.rglob("*.safetensors"))
     config = DnDPluginConfig(base_model="tiny", layout="tiny", probes="generic", dtype="float32",
                              cache_dir=str(tmp_path / "cache"))
-    first = DeltaTerm.build(config, tmp_path, paths, torch.device("cpu"))
-    direct = first.computer.teacher_deltas(paths, progress=False)
-    torch.testing.assert_close(first.teachers.for_rows([[p] for p in paths]), direct, rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(DeltaComputer, "teacher_deltas", lambda *a, **k: pytest.fail("recomputed a cached delta"))
+    first = BehaviourTerm.build(config, tmp_path, paths, torch.device("cpu"))
+    signal = first.signals["delta"]
+    direct = signal.computer.teacher_probe_deltas(paths, progress=False)
+    prepared = signal.targets[first.teachers.index([[p] for p in paths], torch.device("cpu"))]
+    torch.testing.assert_close(prepared, direct, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(DeltaComputer, "teacher_probe_deltas", lambda *a, **k: pytest.fail("recomputed a cached delta"))
     copy = tmp_path / "renamed.safetensors"
     copy.write_bytes(Path(paths[0]).read_bytes())  # same content, other path: a cache hit
-    second = DeltaTerm.build(config, tmp_path, paths + [str(copy)], torch.device("cpu"))
-    assert torch.equal(second.teachers.for_rows([[str(copy)]]), second.teachers.for_rows([[paths[0]]]))
+    second = BehaviourTerm.build(config, tmp_path, paths + [str(copy)], torch.device("cpu"))
+    rows = second.teachers.index([[str(copy)], [paths[0]]], torch.device("cpu"))
+    assert torch.equal(second.signals["delta"].targets[rows[0]], second.signals["delta"].targets[rows[1]])
 
 
 def test_generation_and_eval_forwards_untouched(tmp_path, dnd_tree):

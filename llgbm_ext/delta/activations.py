@@ -57,6 +57,18 @@ def last_token_states(backbone: nn.Module, input_ids: Tensor, attention_mask: Te
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()  # (N, H)
 
 
+def adapter_probe_states(
+    lora: FunctionalLoRA, input_ids: Tensor, attention_mask: Tensor, factors: LoraFactors, layer: int = -1
+) -> Tensor:
+    """v_p(base + adapter k) for each of the K adapters of ``factors`` and each of its P probe rows:
+    (K, P, H) fp32. Rows k·P … (k+1)·P − 1 of the (K·P, T) batch belong to adapter k (each adapter may
+    have its own probes). One forward for all rows; differentiable in the factors."""
+    k = num_adapters(factors)
+    with lora.apply(factors):
+        states = last_token_states(lora.backbone, input_ids, attention_mask, layer)  # (K*P, H) fp32
+    return states.view(k, states.shape[0] // k, -1)
+
+
 def probe_mean(states: Tensor, k: int) -> Tensor:
     """(K·P, H) per-(adapter, probe) states -> (K, H) means over each adapter's P probes (fp32)."""
     return states.view(k, states.shape[0] // k, -1).mean(dim=1)
@@ -81,5 +93,10 @@ def mean_activations(
 @torch.no_grad()
 def base_activation(model: nn.Module, probes: ProbeBatch, layer: int = -1) -> Tensor:
     """v(base): (H,) fp32 from the model as it is; nothing is ever injected into it, so it stays pristine."""
-    states = last_token_states(get_backbone(model), probes.input_ids, probes.attention_mask, layer)  # (P, H)
-    return probe_mean(states, 1)[0]  # (H,)
+    return base_probe_states(model, probes, layer).mean(0)  # (H,)
+
+
+@torch.no_grad()
+def base_probe_states(model: nn.Module, probes: ProbeBatch, layer: int = -1) -> Tensor:
+    """v_p(base) of every probe: (P, H) fp32 from the pristine model."""
+    return last_token_states(get_backbone(model), probes.input_ids, probes.attention_mask, layer)  # (P, H)

@@ -9,17 +9,18 @@ noise_enhance=...)`` (contract §2.1, §7). While installed, every DnD generator
   rows (``rows.token_fingerprint``; DnD adds its noise to the target in place later);
 * a forward hook on the HyperConv decoder ``model.model``: it keeps the prediction
   ``(B, N_tok, H, W)`` and hands DnD a clone, since DnD's criterion writes into its input in place;
-* a forward hook on the model that replaces DnD's returned loss by ``MultiTaskLoss``:
+* a forward hook on the model that replaces DnD's returned loss by ``BehaviourLoss``:
   ``λw · TokenMSELoss(pred, target)`` (DnD's criterion: its criterion weights, its mask, the
-  noised target) ``+ λd · DeltaLoss(Δ_pred, Δ_teacher)``, where ``Δ_pred`` comes from the prediction
-  through the differentiable DnD-exact ``detokenize`` and ``FunctionalLoRA`` on the frozen base
-  model, and ``Δ_teacher`` is the cached delta of the checkpoint the row came from (``teachers.py``).
+  noised target) ``+ Σ_s λ_s · L_s``, where each behaviour signal s (``llgbm_ext.signals``: Δ, KL)
+  runs the LoRAs the prediction encodes (the differentiable DnD-exact ``detokenize``) on the frozen
+  base model through ``FunctionalLoRA``, against the cached targets of the checkpoint each row came
+  from (``teachers.py``). The hook has no branch per signal: it calls every signal the same way.
 
 Generation (``model.generate`` or ``generate=True``), evaluation forwards and models built before
-the hooks were installed are left alone. The base model, probes and teacher deltas are set up at the
-first delta step, on the generator's device (rank 0 fills the DeltaCache, then a barrier). Delta
-computations run with autocast off and the base model in ``config.dtype``, for the student exactly
-as for the teachers, whatever mixed precision DnD was launched with.
+the hooks were installed are left alone. The base model, the signals and their teacher targets are set
+up at the first delta step, on the generator's device (misses split over the ranks, rank 0 writes the
+DeltaCache). Signals run with autocast off and the base model in ``config.dtype``, for the student
+exactly as for the teachers, whatever mixed precision DnD was launched with.
 """
 
 from __future__ import annotations
@@ -35,17 +36,19 @@ import torch
 from torch import Tensor, nn
 
 from ..delta.cache import DeltaCache
-from ..delta.deltas import DeltaComputer
-from ..delta.probes import get_probe_set
 from ..lora.layout import LoraLayout, get_layout
 from ..lora.tokens import detokenize
-from ..losses import MultiTaskLoss, TokenMSELoss
+from ..losses import BehaviourLoss, TokenMSELoss
+from ..losses.weight import LossResult
 from ..models.registry import load_base_model, resolve_base_model
 from ..paths import cache_dir
+from ..signals import BehaviourSignal, build_signals
+from ..signals.base import rank
+from ..training.config import DeltaConfig
 from .config import DnDPluginConfig, under_root
 from .hooks import HookError, register_hook
 from .rows import token_fingerprint
-from .teachers import TeacherDeltas, base_activation_from_cache, delta_context, load_teacher_deltas, rank
+from .teachers import TeacherError, TeacherRows, checkpoint_task, plugin_teacher_set
 
 if TYPE_CHECKING:
     from .hooks import PluginSession
@@ -59,39 +62,49 @@ def _argument(args: tuple, kwargs: dict, name: str):
 
 
 @dataclass
-class DeltaTerm:
-    """What the delta term needs in one process: the layout, a DeltaComputer on the frozen base
-    model (with the cached v(base)) and the teacher deltas of the training checkpoints."""
+class BehaviourTerm:
+    """What the behaviour term needs in one process: the layout, the signals on the frozen base model
+    with the targets of every training checkpoint, and which checkpoint a row's teacher is."""
 
     layout: LoraLayout
-    computer: DeltaComputer
-    teachers: TeacherDeltas
+    signals: dict[str, BehaviourSignal]
+    teachers: TeacherRows
 
     @classmethod
-    def build(cls, config: DnDPluginConfig, dnd_root: Path, checkpoints: Sequence[str], device: torch.device) -> "DeltaTerm":
-        """Load the base model and probes, and the teacher deltas of ``checkpoints`` (via the DeltaCache)."""
+    def build(cls, config: DnDPluginConfig, dnd_root: Path, checkpoints: Sequence[str], device: torch.device) -> "BehaviourTerm":
+        """Load the base model, build the signals and prepare the targets of ``checkpoints`` (via the DeltaCache)."""
+        if not checkpoints:
+            raise TeacherError("no training checkpoints were registered; the behaviour term has no teachers")
         layout = get_layout(under_root(config.layout, dnd_root))
         dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-        model_dir = resolve_base_model(under_root(config.base_model, dnd_root))
+        base_model = under_root(config.base_model, dnd_root)
+        model_dir = resolve_base_model(base_model)
         model, tokenizer = load_base_model(model_dir, dtype=dtype, device=device)
-        probes = get_probe_set(under_root(config.probes, dnd_root))
+        inputs = under_root(config.train_inputs, dnd_root) if config.train_inputs else None
+        teachers = plugin_teacher_set(checkpoints, layout, str(model_dir), inputs, config.needs_train_inputs)
+        tasks = [checkpoint_task(p) for p in checkpoints]
+        probes = under_root(config.probes, dnd_root)
+        delta = DeltaConfig(probes=probes, probes_per_task=config.probes_per_task, reduce=config.reduce)
+        signals = build_signals(config.signals, model, tokenizer, teachers, list(dict.fromkeys(tasks)),
+                                base_model=str(model_dir), model_dir=model_dir, delta=delta, kl=config.kl,
+                                delta_kind=config.delta_kind)
         cache = DeltaCache(under_root(config.cache_dir, dnd_root) if config.cache_dir else cache_dir() / "delta_cache")
-        computer = DeltaComputer(model, tokenizer, layout, probes)
-        ctx = delta_context(computer, model_dir)
-        base = base_activation_from_cache(cache, ctx, computer)
-        computer = DeltaComputer(model, tokenizer, layout, probes, base_activation=base)
-        teachers = load_teacher_deltas(checkpoints, computer, cache, ctx, config.teacher_batch_size, progress=rank() == 0)
-        return cls(layout, computer, teachers)
+        for signal in signals.values():
+            signal.prepare(checkpoints, tasks, cache, config.teacher_batch_size, progress=rank() == 0)
+        return cls(layout, signals, TeacherRows.of(list(checkpoints), layout))
 
-    def student(self, pred: Tensor) -> Tensor:
-        """(K, H) deltas of the LoRAs a batch of predicted tokens (K, N_tok, H, W) encodes; differentiable."""
+    def __call__(self, pred: Tensor, candidates: Sequence[Sequence[str]], step: int) -> dict[str, LossResult]:
+        """Each signal's loss for the LoRAs a batch of predicted tokens (K, N_tok, H, W) encodes, against
+        the teachers of the rows' checkpoints; differentiable."""
         expected = (self.layout.num_tokens, *self.layout.token_size)
         if tuple(pred.shape[1:]) != expected:
             raise HookError(
                 f"the generator predicts tokens of shape {tuple(pred.shape[1:])}, layout {self.layout.name!r} "
                 f"expects {expected}; set `layout` in the plugin config to the generator's LoRA layout"
             )
-        return self.computer.deltas(detokenize(pred, self.layout))
+        factors = detokenize(pred, self.layout)
+        index = self.teachers.index(candidates, pred.device)
+        return {name: signal(factors, index, step).loss for name, signal in self.signals.items()}
 
 
 @dataclass
@@ -112,8 +125,8 @@ class DeltaLossHook:
         self.session = session
         self.config: DnDPluginConfig = session.config
         self.step = 0  # training forwards seen
-        self.term: DeltaTerm | None = None
-        self.losses: dict[tuple[nn.Module, bool], MultiTaskLoss] = {}  # (model, use_delta) -> loss
+        self.term: BehaviourTerm | None = None
+        self.losses: dict[tuple[nn.Module, bool], BehaviourLoss] = {}  # (model, use_delta) -> loss
         self._active: _Forward | None = None
         self._handles: list = []
         self._captures: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, object]]" = weakref.WeakKeyDictionary()
@@ -190,21 +203,19 @@ class DeltaLossHook:
             return loss(weight_pred=pred, weight_target=weight_target)
         with torch.autocast(device_type=pred.device.type, enabled=False):
             if self.term is None:
-                self.term = DeltaTerm.build(self.config, self.session.dnd_root, self.session.rows.checkpoints(), pred.device)
+                self.term = BehaviourTerm.build(self.config, self.session.dnd_root, self.session.rows.checkpoints(),
+                                                pred.device)
             rows = self._delta_rows(pred.shape[0])
-            teacher = self.term.teachers.for_rows(self.session.rows.lookup(active.fingerprints))
-            student = self.term.student(pred[:rows])
-            return loss(weight_pred=pred, weight_target=weight_target, delta_pred=student, delta_teacher=teacher)
+            signals = self.term(pred[:rows], self.session.rows.lookup(active.fingerprints), self.step)
+            return loss(weight_pred=pred, weight_target=weight_target, signals=signals)
 
-    def _multitask(self, module: nn.Module, use_delta: bool, device: torch.device) -> MultiTaskLoss:
+    def _multitask(self, module: nn.Module, use_delta: bool, device: torch.device) -> BehaviourLoss:
         key = (module, use_delta)
         if key not in self.losses:
             weights = getattr(module, "criterion_weight", None)
             token_loss = TokenMSELoss(None if weights is None else weights.detach().flatten())
-            lambda_delta = self.config.lambda_delta if use_delta else 0.0
-            self.losses[key] = MultiTaskLoss(
-                token_loss, self.config.lambda_weight, lambda_delta, self.config.delta_kind
-            ).to(device)
+            lambdas = self.config.signal_lambdas() if use_delta else {}
+            self.losses[key] = BehaviourLoss(token_loss, self.config.lambda_weight, lambdas).to(device)
         return self.losses[key]
 
 

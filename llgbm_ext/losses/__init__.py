@@ -7,17 +7,20 @@ scalar for logging. A combined loss logs each term's entries as ``"<key>/<term>"
 raise ``LossError`` (a ``ValueError`` and an ``LLGBMError``) naming the projection or argument.
 
   weight.py      TokenMSELoss (DnD's criterion), WeightLoss (raw A/B MSE), DeltaWLoss (ΔW MSE in low rank)
-  delta.py       DeltaLoss: "nmse", "cosine", "mse" on deltas (..., H), independent of H
-  combined.py    MultiTaskLoss, DeltaOnlyLoss, DeltaGuidedLoss
+  delta.py       DeltaLoss: "nmse", "cosine", "mse", "dirnorm" on deltas (..., H), independent of H
+  kl.py          TopKKLLoss: KL(teacher ‖ student) of next-token distributions from the teacher's cached top-k
+  combined.py    BehaviourLoss (weights + behaviour signals), MultiTaskLoss, DeltaOnlyLoss, DeltaGuidedLoss
   delta_head.py  DeltaHead: predicts Δ from the generator's tokens, for DeltaGuidedLoss
 """
 
-from .combined import DeltaGuidedLoss, DeltaOnlyLoss, MultiTaskLoss
+from .combined import BehaviourLoss, DeltaGuidedLoss, DeltaOnlyLoss, MultiTaskLoss
 from .delta import DELTA_LOSS_KINDS, DeltaLoss
 from .delta_head import DeltaHead
+from .kl import TopKKLLoss, teacher_topk
 from .weight import DeltaWLoss, LossError, LossResult, TokenMSELoss, WeightLoss, lowrank_sq_distance
 
 __all__ = [
+    "BehaviourLoss",
     "DELTA_LOSS_KINDS",
     "DeltaGuidedLoss",
     "DeltaHead",
@@ -28,6 +31,8 @@ __all__ = [
     "LossResult",
     "MultiTaskLoss",
     "TokenMSELoss",
+    "TopKKLLoss",
     "WeightLoss",
     "lowrank_sq_distance",
+    "teacher_topk",
 ]

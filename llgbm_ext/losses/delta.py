@@ -1,12 +1,16 @@
 """Delta losses: compare predicted and teacher delta-activations Δ of shape (..., H).
 
-Three kinds, each averaged over the leading (batch, probe) dims:
+Four kinds, each averaged over the leading (batch, probe) dims:
 * ``"nmse"``    ``‖p/|p| − t/|t|‖²`` summed over H, i.e. 2 − 2·cos; range [0, 4].
 * ``"cosine"``  1 − cos; range [0, 2]. Half of "nmse": the same gradient direction, half the size.
 * ``"mse"``     ``‖p − t‖² / ‖t‖²``, the relative squared error; 0 when equal, 1 for p = 0. Unlike the
-                other two it also supervises the magnitude of Δ.
+                first two it also supervises the magnitude of Δ, but a wrong norm and a wrong direction
+                trade against each other in one number.
+* ``"dirnorm"`` ``(2 − 2·cos) + log²(‖p‖ / ‖t‖)``: the direction term of "nmse" plus a separate,
+                scale-free term for the magnitude, so a Δ half or twice the teacher's costs the same
+                whatever the direction (the "norm_ratio" entry reports ‖p‖ / ‖t‖).
 
-All three are dimensionless and do not depend on the hidden size H, so λ weights carry over between
+All four are dimensionless and do not depend on the hidden size H, so λ weights carry over between
 base models. LLGBM's normalised MSE was ``mse_loss(normalize(p), normalize(t))`` = (2 − 2·cos)/H, about
 1e-3 for H = 896, which made λ_delta depend on the model size (fixed here: "nmse" sums over H).
 
@@ -21,7 +25,7 @@ from torch import Tensor, nn
 
 from .weight import LossError, LossResult, compute_dtype
 
-DELTA_LOSS_KINDS = ("nmse", "cosine", "mse")
+DELTA_LOSS_KINDS = ("nmse", "cosine", "mse", "dirnorm")
 
 
 class DeltaLoss(nn.Module):
@@ -50,6 +54,8 @@ class DeltaLoss(nn.Module):
             per_delta = (p / p_norm[..., None] - t / t_norm[..., None]).square().sum(dim=-1)
         elif self.kind == "cosine":
             per_delta = 1.0 - cos
+        elif self.kind == "dirnorm":
+            per_delta = 2.0 - 2.0 * cos + (p_norm.log() - t_norm.log()).square()
         else:
             per_delta = (p - t).square().sum(dim=-1) / t_norm.square()
         return {

@@ -50,8 +50,13 @@ class LossConfig:
             (gauge-invariant ΔW MSE).
         criterion_weight: DnD ``criterion_weight.pt`` for the token loss (default: uniform).
         lambda_weight, lambda_delta: the λs of multitask (``delta_only`` uses λw = 0).
-        lambda_delta_warmup: λd ramps linearly from 0 over this many steps (0: constant).
-        delta_kind: ``nmse`` (2 − 2cos), ``cosine`` or ``mse`` (relative); all independent of H.
+        signals: the behaviour signals of the behaviour term (``llgbm_ext.signals``): ``delta`` (Δ on the
+            probes of the ``delta`` section) and/or ``kl`` (next-token distributions at the answers of
+            each task's training inputs, the ``kl`` section); the term is Σ λ_signal · L_signal.
+        lambda_kl: λ of the ``kl`` signal (``lambda_delta`` is the λ of ``delta``).
+        lambda_delta_warmup: the behaviour λs ramp linearly from 0 over this many steps (0: constant).
+        delta_kind: ``nmse`` (2 − 2cos), ``cosine``, ``mse`` (relative) or ``dirnorm`` (direction and
+            log norm ratio); all independent of H.
         delta_every: ``delta_guided``: compute a real Δ every N steps.
         lambda_pred, lambda_computed, lambda_consistency: ``DeltaGuidedLoss`` weights.
         head_dim: width of the delta head.
@@ -63,8 +68,10 @@ class LossConfig:
     criterion_weight: str | None = None
     lambda_weight: float = 1.0
     lambda_delta: float = 1.0
+    signals: tuple[str, ...] = ("delta",)
+    lambda_kl: float = 1.0
     lambda_delta_warmup: int = 0
-    delta_kind: Literal["nmse", "cosine", "mse"] = "nmse"
+    delta_kind: Literal["nmse", "cosine", "mse", "dirnorm"] = "nmse"
     delta_every: int = 4
     lambda_pred: float = 1.0
     lambda_computed: float = 1.0
@@ -78,7 +85,14 @@ class LossConfig:
 
     @property
     def uses_delta(self) -> bool:
+        """Whether the run uses behaviour signals (every mode but weight_only)."""
         return self.mode != "weight_only"
+
+    def signal_lambdas(self) -> dict[str, float]:
+        """λ of each behaviour signal of the run (none for weight_only)."""
+        if not self.uses_delta:
+            return {}
+        return {name: self.lambda_kl if name == "kl" else self.lambda_delta for name in self.signals}
 
 
 @dataclass(frozen=True)
@@ -86,8 +100,13 @@ class DeltaConfig:
     """How Δ is computed for the delta losses (the teachers' deltas use the same settings).
 
     Attributes:
-        probes: ``generic`` | ``domain:math|code|commonsense`` | a probe JSON file.
-        chat_template: wrap probes in the tokenizer's chat template.
+        probes: ``generic`` | ``domain:math|code|commonsense`` | a probe JSON file (one set for every
+            adapter) | ``task`` (each adapter on ``probes_per_task`` training inputs of its own task) |
+            ``mixed`` (one set of ``probes_per_task`` training inputs of every training task).
+        probes_per_task: training inputs per task of ``task`` and ``mixed`` probes.
+        reduce: ``mean`` (compare the probe-averaged Δ) or ``none`` (compare Δ probe by probe).
+        chat_template: wrap built-in and file probes in the tokenizer's chat template (task inputs are
+            already in the teachers' format).
         layer: hidden-state index; -1 = final norm output.
         gradient_checkpointing: checkpoint the base model's layers on the delta path.
         cache: delta cache directory (default ``<teachers>/deltas``).
@@ -95,11 +114,30 @@ class DeltaConfig:
     """
 
     probes: str = "generic"
+    probes_per_task: int = 8
+    reduce: Literal["mean", "none"] = "mean"
     chat_template: bool = False
     layer: int = -1
     gradient_checkpointing: bool = False
     cache: str | None = None
     batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    """The ``kl`` signal: KL(teacher ‖ generated) at the answer positions of each task's training inputs.
+
+    Attributes:
+        examples: training inputs per task whose teacher distributions are cached.
+        per_step: inputs per generated adapter and step (drawn from those, as a function of the step).
+        top_k: teacher log-probabilities kept per position (and the rest of the mass as one bucket).
+        max_length: tokens per input sequence (contexts lose their beginning, as in teacher training).
+    """
+
+    examples: int = 32
+    per_step: int = 4
+    top_k: int = 32
+    max_length: int = 96
 
 
 @dataclass(frozen=True)
@@ -111,6 +149,10 @@ class OptimConfig:
         warmup_steps: linear warm-up from lr/warmup_steps.
         min_lr_ratio: the cosine ends at lr·min_lr_ratio and stays there (DnD's had no floor).
         max_grad_norm: gradient clipping (0 disables).
+        offset_lr: learning rate of the generator's shared token offset (``generator.shared_offset``);
+            None: ``lr``. Tokens are z-scores per chunk, so a step of size lr in a token moves the
+            weight by lr·σ of its chunk (σ ≈ 0.02 for a LoRA's B): matching a LoRA trained directly at
+            lr₀ takes lr ≈ lr₀/σ, i.e. one or two orders of magnitude above the body's lr.
     """
 
     lr: float = 1e-3
@@ -120,6 +162,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     eight_bit: bool = False
+    offset_lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +191,7 @@ class TrainingConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     delta: DeltaConfig = field(default_factory=DeltaConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -160,6 +204,24 @@ class TrainingConfig:
             raise TrainingConfigError(f"loss.delta_every must be positive, got {self.loss.delta_every}")
         if self.loss.mode == "multitask" and self.loss.lambda_weight <= 0 and self.loss.lambda_delta <= 0:
             raise TrainingConfigError("multitask needs lambda_weight > 0 or lambda_delta > 0")
+        from ..signals import SIGNALS
+
+        unknown = [s for s in self.loss.signals if s not in SIGNALS]
+        if unknown or not self.loss.signals or len(set(self.loss.signals)) != len(self.loss.signals):
+            raise TrainingConfigError(f"loss.signals must list distinct names of {', '.join(SIGNALS)}, "
+                                      f"got {list(self.loss.signals)}")
+        if self.loss.mode == "delta_guided" and "delta" not in self.loss.signals:
+            raise TrainingConfigError("delta_guided needs the delta signal in loss.signals (its head predicts Δ)")
+        if self.loss.lambda_kl < 0:
+            raise TrainingConfigError(f"loss.lambda_kl must be >= 0, got {self.loss.lambda_kl}")
+        for name in ("probes_per_task",):
+            if getattr(self.delta, name) < 1:
+                raise TrainingConfigError(f"delta.{name} must be positive, got {getattr(self.delta, name)}")
+        for name in ("examples", "per_step", "top_k", "max_length"):
+            if getattr(self.kl, name) < 1:
+                raise TrainingConfigError(f"kl.{name} must be positive, got {getattr(self.kl, name)}")
+        if self.kl.per_step > self.kl.examples:
+            raise TrainingConfigError(f"kl.per_step ({self.kl.per_step}) exceeds kl.examples ({self.kl.examples})")
         if self.encoder.max_length != self.generator.max_length and self.generator.kind == "hyperconv":
             raise TrainingConfigError(
                 f"encoder.max_length ({self.encoder.max_length}) must equal generator.max_length "

@@ -13,23 +13,19 @@ starts the processes; each runs the same ``Trainer``.
   for the Δ forward and backward (the LoRA hooks of ``FunctionalLoRA`` only read layer inputs).
 
 Work split: each rank takes its slice of every step's global batch (``training.data``), so the
-generated adapters and their Δ forwards are split across ranks. Teacher deltas missing from the
-DeltaCache are computed in slices by all ranks and written by rank 0 alone; the others read them
-after it.
+generated adapters and their behaviour-signal forwards are split across ranks. Teacher targets
+missing from the DeltaCache are computed in slices by all ranks and written by rank 0 alone; the
+others read them after it (``signals.base.prepare_targets``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ..delta.cache import DeltaCache, DeltaContext
-from ..delta.deltas import DeltaComputer
-from ..delta.teacher import adapter_ids, cached_teacher_deltas
 from ..paths import cache_dir
 from .config import TrainingConfig, TrainingConfigError
 
@@ -111,39 +107,3 @@ def configure_deepspeed(accelerator, cfg: TrainingConfig) -> None:
             raise TrainingConfigError(f"DeepSpeed config: remove {owned!r}; the run config's optim section sets it")
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size // accelerator.num_processes
     ds["gradient_clipping"] = float(cfg.optim.max_grad_norm)  # the engine clips inside accelerator.backward
-
-
-def shared_teacher_deltas(accelerator, computer: DeltaComputer, cache: DeltaCache, context: DeltaContext,
-                          paths: list[Path], tasks: list[str], batch_size: int, progress: bool) -> torch.Tensor:
-    """Teacher deltas (N, H) from the cache; misses are computed by all ranks in slices, stored by rank 0."""
-    if accelerator.num_processes == 1:
-        return cached_teacher_deltas(computer, cache, context, paths, tasks, batch_size, progress)
-    from accelerate.utils import broadcast
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    ids = adapter_ids(paths, computer)
-    missing = torch.zeros(len(ids), dtype=torch.int64, device=accelerator.device)
-    if accelerator.is_main_process:  # one reader decides, so every rank splits the same list
-        absent = set(cache.missing(ids, context))
-        missing[:] = torch.tensor([a in absent for a in ids], dtype=torch.int64)
-    todo = broadcast(missing).nonzero().flatten().tolist()
-    share = -(-len(todo) // world)  # rows per rank; rank r takes todo[r], todo[r + world], ...
-    mine = todo[rank::world]
-    rows = computer.teacher_deltas([paths[i] for i in mine], batch_size=batch_size, progress=False)  # (len(mine), H)
-    padded = rows.new_zeros((share, rows.shape[1]))
-    padded[: len(mine)] = rows
-    gathered = accelerator.gather(padded).cpu()  # (world * share, H): rank-major
-    if accelerator.is_main_process:
-        if cache.get_base_activation(context) is None:
-            cache.put_base_activation(context, computer.base_activation.cpu().numpy())
-        if todo:
-            order = [(k % world) * share + k // world for k in range(len(todo))]  # back to todo's order
-            cache.put_many([ids[i] for i in todo], context, gathered[order].numpy(),
-                           paths=[str(paths[i]) for i in todo], tasks=[tasks[i] for i in todo])
-    accelerator.wait_for_everyone()
-    found = cache.get_many(ids, context)
-    lost = [i for i, a in enumerate(ids) if a not in found]
-    if lost:  # unreadable after rank 0 wrote it (e.g. another process repaired it): compute here, write nothing
-        fresh = computer.teacher_deltas([paths[i] for i in lost], batch_size=batch_size, progress=False)
-        found.update({ids[i]: d for i, d in zip(lost, fresh.cpu().numpy())})
-    return torch.stack([torch.as_tensor(found[a]) for a in ids])

@@ -2,13 +2,15 @@
 
 Each step: embed the condition prompts (cached), generate DnD tokens, and depending on the mode
   * weight_only   L = λw·L_weight(tokens, teacher)                       (DnD's baseline)
-  * multitask     L = λw·L_weight + λd·L_delta(Δ(generated LoRA), Δ_teacher)
-  * delta_only    L = λd·L_delta                                          (weight loss logged only)
-  * delta_guided  L = λp·L(head(tokens), Δ_t) [+ λc·L(Δ, Δ_t) + λcons·L(head, sg Δ) every N steps]
+  * multitask     L = λw·L_weight + Σ_s λ_s·L_s(generated LoRA, teacher)
+  * delta_only    L = Σ_s λ_s·L_s                                         (weight loss logged only)
+  * delta_guided  L = λp·L(head(tokens), Δ_t) [+ λc·Σ_s λ_s·L_s + λcons·L(head, sg Δ) every N steps]
                       [+ λw·L_weight]
-where Δ of the generated LoRA comes from one batched differentiable forward of the frozen base model
-over (batch × probes) rows (``DeltaComputer``, inside the trained module's forward) and Δ_teacher
-from the DeltaCache (filled once; written by rank 0). Runs on accelerate: one process, DDP, or
+where s runs over the behaviour signals of ``loss.signals`` (``llgbm_ext.signals``: Δ on generic,
+task-grounded or mixed probes; KL of next-token distributions at the answers of each task's training
+inputs). Each signal runs the generated LoRAs on the frozen base model in one batched differentiable
+forward (inside the trained module's forward) and compares with its teacher targets from the
+DeltaCache (filled once; misses split over the ranks, written by rank 0). Runs on accelerate: one process, DDP, or
 DeepSpeed ZeRO-1/2/3 (``training.distributed``), bf16 autocast on GPU; every process steps the same
 global batch schedule on its slice of each batch, and the logged values are means over the
 processes (the global batch's). Checkpoints hold everything an exact resume needs; metrics go to
@@ -34,7 +36,7 @@ from ..errors import LLGBMError
 from ..data.teacher_set import load_teacher_set
 from ..generator.build import build_generator
 from ..generator.text_encoder import EmbeddingCache, TextEncoder
-from ..losses import DeltaGuidedLoss, DeltaHead, DeltaWLoss, MultiTaskLoss, TokenMSELoss, WeightLoss
+from ..losses import BehaviourLoss, DeltaGuidedLoss, DeltaHead, DeltaWLoss, TokenMSELoss, WeightLoss
 from ..lora.tokens import detokenize
 from .checkpoint import (
     RUN_INFO, latest_checkpoint, load_training_state, load_weights, save_checkpoint, save_rank_state, zero_partition,
@@ -42,7 +44,7 @@ from .checkpoint import (
 from .config import TrainingConfig
 from .data import StepBatches, batch_loader
 from .distributed import (
-    configure_deepspeed, gathered_weights, make_accelerator, shared_teacher_deltas, whole_models, zero_stage,
+    configure_deepspeed, gathered_weights, make_accelerator, whole_models, zero_stage,
 )
 from .plots import plot_metrics
 
@@ -53,10 +55,10 @@ class DivergedError(LLGBMError):
 
 class GeneratorWithHead(nn.Module):
     """What is trained: the generator and, in delta_guided mode, its delta head (one module for DDP or
-    DeepSpeed), whose forward also computes Δ of the generated LoRAs when asked.
+    DeepSpeed), whose forward also runs the behaviour signals on the generated LoRAs when asked.
 
-    The frozen base model of the Δ path is not a submodule (not saved, not wrapped), except under
-    ZeRO-3 (``attach_deltas(..., partition_base=True)``), where it must be one so that the engine
+    The frozen base model of the signals is not a submodule (not saved, not wrapped), except under
+    ZeRO-3 (``attach_signals(..., partition_base=True)``), where it must be one so that the engine
     partitions it and gathers each layer's weights for its forward and backward.
     """
 
@@ -64,28 +66,31 @@ class GeneratorWithHead(nn.Module):
         super().__init__()
         self.generator = generator
         self.head = head
-        self._deltas: tuple | None = None  # (DeltaComputer, LoraLayout); a tuple, so not a submodule
+        self._signals: tuple | None = None  # (signals dict, layout, base model); a tuple, so not a submodule
 
-    def attach_deltas(self, computer, layout, partition_base: bool = False) -> None:
-        self._deltas = (computer, layout)
+    def attach_signals(self, signals: dict, layout, base: nn.Module, partition_base: bool = False) -> None:
+        self._signals = (signals, layout, base)
         if partition_base:
-            self.base = computer.model
+            self.base = base
 
-    def forward(self, condition: torch.Tensor, with_delta: bool = False):
-        """(tokens (B, N_tok, H, W), head Δ (B, H) or None, Δ (B, H) of the generated LoRAs or None)."""
+    def forward(self, condition: torch.Tensor, index: torch.Tensor | None = None, step: int = 0,
+                with_signals: bool = False):
+        """(tokens (B, N_tok, H, W), head Δ (B, H) or None, {signal: SignalResult} or None); the signals
+        compare the generated LoRAs with the teachers ``index`` (B,)."""
         tokens = self.generator(condition)
         head_delta = self.head(tokens) if self.head is not None else None
-        delta = None
-        if with_delta:  # one batched forward of the frozen base model, in its own dtype (not autocast)
-            computer, layout = self._deltas
+        results = None
+        if with_signals:  # batched forwards of the frozen base model, in its own dtype (not autocast)
+            signals, layout, _ = self._signals
             with torch.autocast(tokens.device.type, enabled=False):
-                delta = computer.deltas(detokenize(tokens.float(), layout))
-        return tokens, head_delta, delta
+                factors = detokenize(tokens.float(), layout)
+                results = {name: signal(factors, index, step) for name, signal in signals.items()}
+        return tokens, head_delta, results
 
     def train(self, mode: bool = True) -> "GeneratorWithHead":
         super().train(mode)
-        if self._deltas is not None:
-            self._deltas[0].model.eval()  # the frozen base stays in eval mode, also as a ZeRO-3 submodule
+        if self._signals is not None:
+            self._signals[2].eval()  # the frozen base stays in eval mode, also as a ZeRO-3 submodule
         return self
 
     def trained_state(self) -> dict[str, torch.Tensor]:
@@ -148,15 +153,15 @@ class Trainer:
         self.encoder.encode([p for task in self.teachers.task_names() for p in self.teachers.prompts(task)],
                             cfg.generator.condition_level)
         head = DeltaHead(self.layout, dim=cfg.loss.head_dim) if cfg.loss.mode == "delta_guided" else None
-        self.trainable = GeneratorWithHead(build_generator(cfg.generator, self.layout), head)
+        self.trainable = GeneratorWithHead(self._generator(), head)
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio))
         self._setup_losses()
         if cfg.loss.uses_delta:
             with whole_models(acc):
-                self._setup_deltas()
-            self.trainable.attach_deltas(self.computer, self.layout, partition_base=self.zero_stage == 3)
+                base = self._setup_signals()
+            self.trainable.attach_signals(self.signals, self.layout, base, partition_base=self.zero_stage == 3)
         self.digest = config_digest(cfg)
         checkpoint = latest_checkpoint(self.out) if self.resume else None
         if checkpoint is not None:  # weights before wrapping: DDP broadcasts them, ZeRO partitions them
@@ -179,17 +184,35 @@ class Trainer:
             write_text(self.out / RUN_INFO, json.dumps(info, indent=1) + "\n")
         return self
 
+    def _generator(self) -> nn.Module:
+        """The generator; with ``generator.prior=teacher_init`` its prior is the teachers' shared initial adapter."""
+        cfg = self.cfg.generator
+        generator = build_generator(cfg, self.layout)
+        if cfg.prior == "teacher_init":
+            from ..generator.build import prior_tokens_from
+
+            if self.teachers.init_adapter is None:
+                raise LLGBMError(f"{self.teachers.root / 'manifest.json'}: generator.prior=teacher_init needs teachers "
+                                 "trained from one shared initialisation (llgbm teachers --init shared)")
+            generator.set_prior(prior_tokens_from(self.teachers.init_adapter, self.layout, cfg.prior_b_std, cfg.seed))
+        return generator
+
     def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; the generator's shared token offset (if any) in its own group at ``optim.offset_lr``."""
         o = self.cfg.optim
-        params = [p for p in self.trainable.parameters() if p.requires_grad]
+        offset = getattr(self.trainable.generator, "offset", None)
+        params = [p for p in self.trainable.parameters() if p.requires_grad and p is not offset]
+        groups = [{"params": params}]
+        if offset is not None:
+            groups.append({"params": [offset], "lr": o.offset_lr or o.lr})
         if o.eight_bit and torch.cuda.is_available():
             try:
                 import bitsandbytes as bnb
 
-                return bnb.optim.AdamW8bit(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+                return bnb.optim.AdamW8bit(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
             except ImportError:
                 pass
-        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
 
     def _setup_losses(self) -> None:
         loss = self.cfg.loss
@@ -208,35 +231,33 @@ class Trainer:
             self.guided = DeltaGuidedLoss(loss.lambda_pred, loss.lambda_computed, loss.lambda_consistency, loss.delta_kind)
         else:
             lambda_weight = 0.0 if loss.mode == "delta_only" else loss.lambda_weight
-            lambda_delta = 0.0 if loss.mode == "weight_only" else loss.lambda_delta
-            self.objective = MultiTaskLoss(self.weight_loss, lambda_weight, lambda_delta or 1.0, loss.delta_kind)
-            self.objective.lambda_delta = lambda_delta  # may be 0 (weight-only); 1.0 above only passes the check
+            self.objective = BehaviourLoss(self.weight_loss, lambda_weight, loss.signal_lambdas())
 
-    def _setup_deltas(self) -> None:
-        """Frozen base model and DeltaComputer; teacher deltas from the cache (misses split over the ranks)."""
+    def _setup_signals(self) -> nn.Module:
+        """Frozen base model and the behaviour signals, with the teacher targets of every training adapter
+        (from the cache; misses split over the ranks). Returns the base model."""
         from ..delta.cache import DeltaCache
-        from ..delta.deltas import DeltaComputer
-        from ..delta.probes import get_probe_set
-        from ..delta.teacher import delta_context
         from ..models.registry import load_base_model, resolve_base_model
+        from ..signals import build_signals
 
-        d = self.cfg.delta
+        cfg, d = self.cfg, self.cfg.delta
         model_dir = resolve_base_model(self.teachers.model_name)
-        model, tokenizer = load_base_model(model_dir, dtype=self.cfg.dtype, device=self.device)
+        model, tokenizer = load_base_model(model_dir, dtype=cfg.dtype, device=self.device)
         if d.gradient_checkpointing:
             from ..delta.functional import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(model)
-        probes = get_probe_set(d.probes, chat_template=True if d.chat_template else None)
-        self.computer = DeltaComputer(model, tokenizer, self.layout, probes, layer=d.layer)
-        cache = DeltaCache(d.cache or Path(self.cfg.data.teachers) / "deltas")
-        context = delta_context(self.computer, self.teachers.model_name, model_dir)
+        tasks = self.teachers.task_names()
+        self.signals = build_signals(cfg.loss.signals, model, tokenizer, self.teachers, tasks,
+                                     base_model=self.teachers.model_name, model_dir=model_dir, delta=d, kl=cfg.kl,
+                                     delta_kind=cfg.loss.delta_kind, seed=cfg.seed)
+        cache = DeltaCache(d.cache or Path(cfg.data.teachers) / "deltas")
         paths = [Path(e.path) for e in self.teachers.entries]
-        tasks = [e.task for e in self.teachers.entries]
-        acc = self.accelerator
-        deltas = shared_teacher_deltas(acc, self.computer, cache, context, paths, tasks, d.batch_size,
-                                       progress=self.progress and acc.is_main_process)
-        self.teacher_deltas = deltas.to(self.device)  # (num_teachers, H)
+        entry_tasks = [e.task for e in self.teachers.entries]
+        show = self.progress and self.accelerator.is_main_process
+        for signal in self.signals.values():
+            signal.prepare(paths, entry_tasks, cache, d.batch_size, progress=show)
+        return model
 
     def _logged_base_forwards(self) -> int:
         """Base-model forwards counted up to the resumed step (from metrics.jsonl)."""
@@ -247,22 +268,22 @@ class Trainer:
         return int(count)
 
     # --- training ---------------------------------------------------------------------------------
-    def lambda_delta(self, step: int) -> float:
+    def signal_lambdas(self, step: int) -> dict[str, float]:
+        """λ of each behaviour signal at ``step`` (ramped over ``loss.lambda_delta_warmup`` steps)."""
         loss = self.cfg.loss
-        if loss.mode == "weight_only":
-            return 0.0
         ramp = 1.0 if loss.lambda_delta_warmup <= 0 else min(1.0, (step + 1) / loss.lambda_delta_warmup)
-        return loss.lambda_delta * ramp
+        return {name: value * ramp for name, value in loss.signal_lambdas().items()}
 
     def _loss_step(self, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         condition = self.encoder.condition(batch.prompts, cfg.generator.condition_level, self.device)
         if cfg.loss.noise > 0:
             condition = condition + cfg.loss.noise * torch.randn_like(condition)
-        with_delta = cfg.loss.uses_delta and (cfg.loss.mode != "delta_guided" or step % cfg.loss.delta_every == 0)
+        with_signals = cfg.loss.uses_delta and (cfg.loss.mode != "delta_guided" or step % cfg.loss.delta_every == 0)
+        index = batch.indices.to(self.device)
         with self.accelerator.autocast():
-            tokens, head_delta, delta = self.model(condition, with_delta)  # (B, N_tok, H, W), (B, H), (B, H)
-        self.base_forwards += int(with_delta)
+            tokens, head_delta, results = self.model(condition, index, step, with_signals)  # (B, N_tok, H, W), (B, H)
+        self.base_forwards += int(with_signals) * len(cfg.loss.signals)
         weight_pred = weight_target = None
         if cfg.loss.weight_loss == "token":
             target = batch.tokens.to(self.device)
@@ -272,9 +293,12 @@ class Trainer:
         else:
             weight_pred = detokenize(tokens, self.layout)
             weight_target = {p: (a.to(self.device), b.to(self.device)) for p, (a, b) in batch.factors.items()}
-        teacher = self.teacher_deltas[batch.indices.to(self.device)] if cfg.loss.uses_delta else None
+        signal_losses = {name: r.loss for name, r in results.items()} if results else None
+        lambdas = self.signal_lambdas(step)
         if cfg.loss.mode == "delta_guided":
-            result = self.guided(head_delta, teacher, delta)
+            teacher = self.signals["delta"].targets[index].mean(1)  # (B, H) the teachers' probe-averaged Δ
+            computed = results["delta"].summary[0] if results else None
+            result = self.guided(head_delta, teacher, computed, signal_losses, lambdas)
             loss = result["loss"]
             with torch.set_grad_enabled(cfg.loss.lambda_weight > 0):
                 weight = self.weight_loss(weight_pred, weight_target)["loss"]
@@ -282,11 +306,10 @@ class Trainer:
                 loss = loss + cfg.loss.lambda_weight * weight
             logs = {**result, "loss/weight": weight.detach()}
         else:
-            self.objective.lambda_delta = self.lambda_delta(step)
-            result = self.objective(weight_pred=weight_pred, weight_target=weight_target,
-                                    delta_pred=delta, delta_teacher=teacher)
+            self.objective.lambdas = lambdas
+            result = self.objective(weight_pred=weight_pred, weight_target=weight_target, signals=signal_losses)
             loss = result["loss"]
-            logs = {**result, "lambda_delta": torch.tensor(self.objective.lambda_delta)}
+            logs = {**result, **{f"lambda_{name}": torch.tensor(value) for name, value in lambdas.items()}}
         logs["loss"] = loss.detach()
         return loss, self._mean_over_processes(logs)
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from fake_teachers import write_fake_teachers
 from llgbm_ext.cli import main
 from llgbm_ext.config import load_config
+from llgbm_ext.errors import LLGBMError
 from llgbm_ext.training import Trainer, TrainingConfig
 
 FAST = ["encoder.kind=base-model", "encoder.model=tiny", "generator.embed_dim=128", "device=cpu",
@@ -91,3 +92,35 @@ def test_bad_config_is_one_line(tmp_path, capsys):
     assert main(["train", f"out_dir={tmp_path}", "loss.mode=everything"]) == 2
     err = capsys.readouterr().err.strip()
     assert "loss.mode" in err and len(err.splitlines()) == 1
+
+
+def test_kl_signal_with_offset_and_teacher_init_prior(tmp_path):
+    """The demo's recipe: the generator starts from the teachers' shared initial A, learns a token offset
+    at its own learning rate, and the KL signal (with the weight loss) lowers its loss."""
+    from llgbm_ext.lora.adapters import load_adapter, save_peft_adapter
+    from llgbm_ext.lora.factors import factors_from_state_dict
+    from llgbm_ext.lora.layout import get_layout
+    from llgbm_ext.lora.tokens import detokenize
+    from llgbm_ext.teachers.train import initial_adapter
+
+    root = write_fake_teachers(tmp_path / "teachers")
+    overrides = ["loss.mode=multitask", "loss.signals=[kl]", "kl.examples=8", "kl.per_step=2", "steps=10",
+                 "batch_size=6", "save_every=10", "optim.lr=3e-3", "optim.offset_lr=3e-2",
+                 "generator.shared_offset=true", "generator.prior=teacher_init", "generator.prior_b_std=0.02"]
+    with pytest.raises(LLGBMError, match="needs teachers trained from one shared initialisation"):
+        Trainer(_config(root, tmp_path / "no-init", *overrides), progress=False).setup()
+    manifest = json.loads((root / "manifest.json").read_text())
+    tiny = get_layout("tiny")
+    save_peft_adapter(initial_adapter(tiny, seed=0), root / "init", tiny)
+    (root / "manifest.json").write_text(json.dumps({**manifest, "init": {"kind": "shared", "seed": 0, "path": "init"}}))
+    trainer = Trainer(_config(root, tmp_path / "run", *overrides), progress=False).setup()
+    generator = trainer.trainable.generator
+    start = factors_from_state_dict(load_adapter(root / "init", tiny).state_dict, tiny)
+    prior = detokenize(generator.prior[None], tiny)
+    assert torch.allclose(prior["q_proj"][0][0], start["q_proj"][0], atol=1e-5)  # A: the teachers' start
+    assert 0.01 < prior["q_proj"][1].std().item() < 0.04  # B ~ N(0, 0.02²)
+    groups = trainer.optimizer.param_groups
+    assert [g["lr"] for g in groups][-1] == pytest.approx(10 * groups[0]["lr"]) and groups[-1]["params"] == [generator.offset]
+    trainer.train()
+    records = _losses(tmp_path / "run")
+    assert records[-1]["loss/kl"] < records[0]["loss/kl"] and generator.offset.abs().sum() > 0

@@ -30,6 +30,7 @@ every condition decodes to nearly this adapter: finite and small (``‖scaling·
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
@@ -37,14 +38,15 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LLGBMError
-from ..lora.factors import LoraFactors
+from ..lora.adapters import load_adapter
+from ..lora.factors import LoraFactors, factors_from_state_dict
 from ..lora.layout import LoraLayout
 from ..lora.tokens import detokenize, tokenize
 from .hyperconv import Features, HyperConvDecoder
 from .simple import SimpleGenerator
 
 Kind = Literal["hyperconv", "simple"]
-Prior = Literal["adapter", "none"]
+Prior = Literal["adapter", "teacher_init", "none"]
 
 
 class GeneratorError(LLGBMError):
@@ -65,9 +67,15 @@ class GeneratorConfig:
             output (N_tok, H_tok, W_tok); both ends come from the fields above and the layout.
         kernel_size: hyperconv convolution size (odd).
         hidden_size: simple only: width D of the task vector and token embeddings.
-        prior: ``"adapter"`` (tokens of a PEFT-like initial adapter, see module docstring) or ``"none"``.
+        prior: ``"adapter"`` (tokens of a PEFT-like initial adapter, see module docstring),
+            ``"teacher_init"`` (the same, with the teachers' shared initial A: the trainer sets it from
+            the teacher set, so the generator starts where every teacher started) or ``"none"``.
         prior_b_std: std of the prior adapter's lora_B.
         output_scale: factor applied to the initial weights of the body's last layer.
+        shared_offset: add a learned, condition-independent token offset (one free parameter per output
+            cell, initialised at 0): what every task's adapter shares is then learned per cell, as a
+            single LoRA would be, and the body only has to write what differs between tasks. The
+            HyperConv body's separable layers cannot write an arbitrary per-cell pattern themselves.
         seed: seeds the body's initialisation and the prior adapter.
     """
 
@@ -81,6 +89,7 @@ class GeneratorConfig:
     prior: Prior = "adapter"
     prior_b_std: float = 1e-3
     output_scale: float = 0.01
+    shared_offset: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -160,8 +169,19 @@ def prior_tokens(layout: LoraLayout, b_std: float, generator: torch.Generator) -
     return tokenize(factors, layout)
 
 
+def prior_tokens_from(adapter: str | os.PathLike, layout: LoraLayout, b_std: float, seed: int) -> Tensor:
+    """Tokens (N_tok, H, W) of an adapter file's A with B ~ N(0, b_std²) (B must not be exactly zero: a
+    zero chunk tokenizes to std 0, where its cells get no gradient); for the teachers' shared init."""
+    state = load_adapter(adapter, layout).state_dict
+    generator = torch.Generator().manual_seed(seed)
+    factors = {}
+    for proj, (a, b) in factors_from_state_dict(state, layout).items():
+        factors[proj] = (a.float(), torch.randn(b.shape, generator=generator) * b_std)
+    return tokenize(factors, layout)
+
+
 class LoraGenerator(nn.Module):
-    """condition -> DnD tokens ``prior + body(condition)`` of shape (B, N_tok, H, W), float32.
+    """condition -> DnD tokens ``prior [+ offset] + body(condition)`` of shape (B, N_tok, H, W), float32.
 
     ``config.condition_shape`` gives the condition's shape without the batch dim; see the module
     docstring for the initialisation. ``lora_factors`` decodes the tokens differentiably. Keep the
@@ -182,14 +202,16 @@ class LoraGenerator(nn.Module):
         with torch.no_grad():
             last.weight.mul_(config.output_scale)
             last.bias.mul_(config.output_scale)
-        if config.prior == "adapter":
+        if config.prior in ("adapter", "teacher_init"):  # teacher_init: replaced by the trainer (set_prior)
             prior = prior_tokens(layout, config.prior_b_std, rng)
         else:
             prior = torch.zeros(layout.num_tokens, *layout.token_size)
         self.register_buffer("prior", prior)
+        self.offset = nn.Parameter(torch.zeros_like(prior)) if config.shared_offset else None
 
     def forward(self, condition: Tensor) -> Tensor:
-        return self.prior + self.body(condition)
+        tokens = self.prior + self.body(condition)
+        return tokens + self.offset if self.offset is not None else tokens
 
     def lora_factors(self, condition: Tensor) -> LoraFactors:
         """Generated LoRA factors: ``proj -> (A (B, L, r, in), B (B, L, out, r))``, differentiable."""

@@ -21,6 +21,8 @@ from ..lora.adapters import load_adapter
 from ..lora.factors import LoraFactors
 from ..lora.tokens import lora_to_tokens
 
+TOKEN_MEMORY = 1 << 30  # bytes of teacher tokens kept in memory at most (else read from disk every step)
+
 
 @dataclass
 class TeacherBatch:
@@ -53,6 +55,18 @@ class StepBatches(torch.utils.data.Dataset):
         self.batch_size, self.num_prompts, self.seed = batch_size, num_prompts, seed
         self.rank, self.world_size = rank, world_size
         self.need_tokens, self.need_factors = need_tokens, need_factors
+        per_adapter = 4 * teachers.layout.num_tokens * teachers.layout.token_size[0] * teachers.layout.token_size[1]
+        self._tokens: dict[int, Tensor] | None = {} if per_adapter * len(teachers.entries) <= TOKEN_MEMORY else None
+
+    def tokens(self, index: int) -> Tensor:
+        """Teacher ``index``'s DnD tokens (N_tok, H, W), from memory after the first read when they fit."""
+        if self._tokens is not None and index in self._tokens:
+            return self._tokens[index]
+        layout = self.teachers.layout
+        tokens = lora_to_tokens(load_adapter(self.teachers.entries[index].path, layout).state_dict, layout)
+        if self._tokens is not None:
+            self._tokens[index] = tokens
+        return tokens
 
     def __len__(self) -> int:
         return 2**62  # indexed by step; the sampler decides which steps are drawn
@@ -75,16 +89,13 @@ class StepBatches(torch.utils.data.Dataset):
         mine = slice(self.rank * share, (self.rank + 1) * share)
         picks, prompts = picks[mine], prompts[mine]
         batch = TeacherBatch(step=step, indices=torch.as_tensor(picks, dtype=torch.long), prompts=prompts)
-        if self.need_tokens or self.need_factors:
-            layout = self.teachers.layout
-            states = [load_adapter(self.teachers.entries[i].path, layout).state_dict for i in picks]
-            if self.need_tokens:
-                batch.tokens = torch.stack([lora_to_tokens(s, layout) for s in states])  # (B, N_tok, H, W)
-            if self.need_factors:
-                from ..delta.deltas import load_teacher_factors
+        if self.need_tokens:
+            batch.tokens = torch.stack([self.tokens(int(i)) for i in picks])  # (B, N_tok, H, W)
+        if self.need_factors:
+            from ..delta.deltas import load_teacher_factors
 
-                batch.factors = load_teacher_factors([self.teachers.entries[i].path for i in picks], layout,
-                                                     torch.float32, "cpu")
+            batch.factors = load_teacher_factors([self.teachers.entries[i].path for i in picks], self.teachers.layout,
+                                                 torch.float32, "cpu")
         return batch
 
 

@@ -1,4 +1,5 @@
-"""``llgbm ablate --config FILE [key=value ...]``: variants × seeds on one teacher set, mean ± std."""
+"""``llgbm ablate --config FILE [key=value ...]``: variants × seeds on one teacher set, mean ± std, on held-out
+and in-distribution tasks, next to the base model, the teachers and the multitask LoRA baseline."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ def run(args) -> int:
 
     from ..config import load_config
     from ..errors import LLGBMError
-    from ..experiments.comparison import ComparisonConfig, markdown_table, run_comparison
+    from ..experiments.comparison import ComparisonConfig, run_comparison, split_tables
 
     cfg = load_config(ComparisonConfig, args.config, args.overrides)
     if not (Path(cfg.teachers) / "manifest.json").is_file():
         raise LLGBMError(f"{cfg.teachers}: no teacher set; create it first (`llgbm demo` writes runs/demo/teachers, "
                          "or `llgbm teachers ... --out DIR`)")
-    _, summary = run_comparison(cfg, progress=not args.no_progress)
-    print(markdown_table(summary))
+    rows, summary = run_comparison(cfg, progress=not args.no_progress)
+    print(split_tables(rows, summary))
     print(f"\n{cfg.out_dir}: results.csv, results.json, report.md, comparison.png")
     return 0

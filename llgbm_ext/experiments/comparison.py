@@ -5,12 +5,19 @@ Used by ``llgbm demo`` (weight-only vs LLGBM on held-out synthetic tasks) and ``
 λ grids, N, probe sets over several seeds). Every trained run is cached in its own folder and skipped
 when complete, so re-running a comparison only evaluates.
 
-Measures per generated adapter (evaluated task t):
+Tasks are evaluated in two splits: ``held-out`` (never seen by the generators) and ``in-distribution``
+(training tasks, by default the first of each family). Measures per adapter and evaluated task t:
   * accuracy on t's test split (option log-likelihood or exact match, in the teachers' answer format);
+  * recovery = (accuracy − base) / (teacher − base) on t: the share of the teacher's gain over the base
+    model the adapter gets (0: base, 1: teacher); undefined (NaN) where the teacher is within one test
+    example of the base model, since there is no gain to recover;
   * Δ cosine to t's teachers (mean Δ of t's snapshots), the mean cosine to the other tasks' teachers,
-    specificity = their difference, and top-1 (nearest teacher task is t).
-Reference rows: the base model, and the teachers themselves (last snapshot of each task). Controls:
+    specificity = their difference, top-1 (nearest teacher task is t), and the norm ratio |Δ| / |Δ of
+    t's teachers| (a cosine says nothing about how far an adapter moves the model).
+Reference rows: the base model, the teachers themselves (last snapshot of each task) and the multitask
+LoRA baseline (one LoRA trained on all training tasks, per seed; ``teachers.multitask``). Controls:
 adapters generated from another task's prompts ("mismatched") and from random word lists ("random").
+Summaries average each measure over a split's tasks per seed, then give mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,21 +34,31 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_text
 from ..config import load_config, to_dict
-from ..data.formatting import PromptFormat
 from ..data.records import Task
 from ..data.teacher_set import TeacherSet, load_teacher_set
 from ..errors import LLGBMError
 from ..lora.factors import LoraFactors
+from ..teachers.multitask import NAME as MULTITASK
+from ..teachers.multitask import task_format
 
-MODEL_ROWS = ("base", "teacher")
+AUTO = "auto"  # eval_in_distribution: the first training task of each family
+SPLITS = {"held-out": "never seen by the generators", "in-distribution": "generator training tasks"}
+MEASURES = ("accuracy", "cos_own", "norm_ratio", "specificity", "top1")
+NOTE = ("recovery: (accuracy − base) / (teacher − base) per task, 0 = base model, 1 = the task's teacher; a "
+        "split's value is the mean over its tasks per seed (± std over seeds), leaving out tasks whose teacher is "
+        "within one test example of the base model (nothing to recover). Δ cos: cosine of the adapter's delta to its "
+        "task's teacher delta; norm ratio: |Δ| of the adapter over |Δ| of its task's teachers; specificity: Δ cos "
+        "minus the mean cosine to the other tasks' teachers; top-1: the nearest teacher is the right task.")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One generator configuration: a name and ``key=value`` overrides of the training config."""
+    """One generator configuration: a name, ``key=value`` overrides of the training config, and what it
+    is in words (for the report)."""
 
     name: str
     overrides: tuple[str, ...] = ()
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,11 +72,20 @@ class ComparisonConfig:
         variants: the configurations compared.
         seeds: one training run per variant and seed.
         held_out: tasks left out of generator training and evaluated (leave-one-task-out).
-        eval_in_distribution: also evaluate these training tasks (in-distribution reference).
+        eval_in_distribution: training tasks also evaluated (the ``in-distribution`` split); ``[auto]`` (the
+            default) or empty: the first training task of each family in manifest order (a teacher set
+            without families: its first training task).
         data_dir: DnD-format task folder for non-synthetic tasks' test splits.
         eval_limit: test examples per task (None: all).
         samples: adapters generated per task (each from another draw of its prompts).
         controls: evaluate mismatched-prompt and random-prompt adapters for these variants.
+        workers: train the runs in this many processes of one torch thread each (1: in this process).
+        probes: the probe set of the Δ measures (cosine to the teachers, specificity, top-1), the same
+            for every variant, whatever probes a variant trains with.
+        multitask_lora: also train and evaluate the multitask LoRA baseline (one LoRA on the mixture of the
+            training tasks per seed, cached in ``<out_dir>/runs/multitask_lora/seed<k>``).
+        multitask_lora_steps, multitask_lora_batch: its budget: optimizer steps, and sequences per step, split
+            equally over the training tasks (rounded up to a multiple of their number); lr etc. as teachers.
         out_dir: runs go to ``<out_dir>/runs/<variant>/seed<k>``, reports to ``<out_dir>``.
     """
 
@@ -70,16 +96,29 @@ class ComparisonConfig:
                                      Variant("llgbm", ("loss.mode=multitask",)))
     seeds: tuple[int, ...] = (0,)
     held_out: tuple[str, ...] = ()
-    eval_in_distribution: tuple[str, ...] = ()
+    eval_in_distribution: tuple[str, ...] = (AUTO,)
     data_dir: str | None = None
     eval_limit: int | None = 64
     samples: int = 2
     controls: tuple[str, ...] = ("llgbm",)
+    probes: str = "generic"
+    multitask_lora: bool = True
+    multitask_lora_steps: int = 200
+    multitask_lora_batch: int = 16
+    workers: int = 1
     out_dir: str = "runs/compare"
 
+    def __post_init__(self):
+        for name in ("multitask_lora_steps", "multitask_lora_batch", "workers"):
+            if getattr(self, name) < 1:
+                raise LLGBMError(f"{name} must be at least 1, got {getattr(self, name)}")
+        taken = next((v.name for v in self.variants if v.name in ("base", "teacher", MULTITASK)), None)
+        if taken:
+            raise LLGBMError(f"variants: {taken!r} names a reference row; give the variant another name")
 
-def run_folder(cfg: ComparisonConfig, variant: Variant, seed: int) -> Path:
-    return Path(cfg.out_dir) / "runs" / variant.name / f"seed{seed}"
+
+def run_folder(cfg: ComparisonConfig, name: str, seed: int) -> Path:
+    return Path(cfg.out_dir) / "runs" / name / f"seed{seed}"
 
 
 def training_config(cfg: ComparisonConfig, variant: Variant, seed: int):
@@ -88,37 +127,62 @@ def training_config(cfg: ComparisonConfig, variant: Variant, seed: int):
 
     held_out = "[" + ", ".join(cfg.held_out) + "]"
     overrides = [f"data.teachers={cfg.teachers}", f"data.held_out={held_out}", *cfg.overrides, *variant.overrides,
-                 f"seed={seed}", f"generator.seed={seed}", f"out_dir={run_folder(cfg, variant, seed)}"]
+                 f"seed={seed}", f"generator.seed={seed}", f"out_dir={run_folder(cfg, variant.name, seed)}"]
     return load_config(TrainingConfig, cfg.training, overrides)
+
+
+def _train_one(tcfg, progress: bool, threads: int | None) -> Path | None:
+    """Train (or finish) one run; None if it diverged. ``threads``: torch threads of a worker process."""
+    from ..training.trainer import DivergedError, Trainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    trainer = Trainer(tcfg, resume=True, progress=progress).setup()
+    try:
+        trainer.train()
+    except DivergedError as e:
+        print(f"warning: {e}", flush=True)
+        return None
+    finally:
+        trainer.cleanup()
+    return Path(tcfg.out_dir)
 
 
 def train_runs(cfg: ComparisonConfig, progress: bool = True) -> dict[tuple[str, int], Path | None]:
     """Train every (variant, seed) not already complete; returns their run folders (None: the run diverged,
-    which is reported and left out of the evaluation rather than ending the comparison)."""
-    from ..training.checkpoint import latest_checkpoint
-    from ..training.trainer import DivergedError, Trainer, config_digest
+    which is reported and left out of the evaluation rather than ending the comparison).
 
-    runs = {}
+    With ``cfg.workers`` > 1 the runs are trained in that many processes of one torch thread each; a run
+    on one thread computes the same numbers on every machine, whatever its core count."""
+    from ..training.checkpoint import latest_checkpoint
+    from ..training.trainer import config_digest
+
+    runs, todo = {}, []
     for variant in cfg.variants:
         for seed in cfg.seeds:
             tcfg = training_config(cfg, variant, seed)
             out = Path(tcfg.out_dir)
             latest = latest_checkpoint(out) if out.is_dir() else None
             state = json.loads((latest / "state.json").read_text()) if latest is not None else {}
-            done = state.get("step") == tcfg.steps and state.get("config_digest") == config_digest(tcfg)
-            if not done:
-                if progress:
-                    print(f"training {variant.name} (seed {seed}) -> {out}")
-                trainer = Trainer(tcfg, resume=True, progress=progress).setup()
-                try:
-                    trainer.train()
-                except DivergedError as e:
-                    print(f"warning: {e}")
-                    runs[(variant.name, seed)] = None
-                    continue
-                finally:
-                    trainer.cleanup()
             runs[(variant.name, seed)] = out
+            if not (state.get("step") == tcfg.steps and state.get("config_digest") == config_digest(tcfg)):
+                todo.append(((variant.name, seed), tcfg))
+    if cfg.workers <= 1:
+        for key, tcfg in todo:
+            if progress:
+                print(f"training {key[0]} (seed {key[1]}) -> {tcfg.out_dir}", flush=True)
+            runs[key] = _train_one(tcfg, progress, None)
+        return runs
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or locks
+    with concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=context) as pool, \
+            tqdm(total=len(todo), desc=f"training ({cfg.workers} processes)", unit="run", disable=not progress) as bar:
+        futures = {pool.submit(_train_one, tcfg, False, 1): key for key, tcfg in todo}
+        for future in concurrent.futures.as_completed(futures):
+            runs[futures[future]] = future.result()
+            bar.update(1)
     return runs
 
 
@@ -135,12 +199,6 @@ def evaluation_task(name: str, data_dir: str | None) -> Task:
     return load_task(data_dir, name, splits=("test",))
 
 
-def task_format(teachers: TeacherSet, task: str) -> PromptFormat:
-    """The answer format the teachers of ``task`` were trained with (manifest), default cloze/option."""
-    record = teachers.tasks.get(task, {}).get("format")
-    return PromptFormat(**record) if record else PromptFormat()
-
-
 def random_prompts(tokenizer, n: int, seed: int, words: int = 8) -> list[str]:
     """Prompts of random vocabulary words: a condition that identifies no task (control)."""
     rng = np.random.Generator(np.random.PCG64([seed, 7]))
@@ -148,37 +206,60 @@ def random_prompts(tokenizer, n: int, seed: int, words: int = 8) -> list[str]:
     return [" ".join(vocab[j] for j in rng.choice(len(vocab), size=words)) for _ in range(n)]
 
 
+def in_distribution_tasks(cfg: ComparisonConfig, teachers: TeacherSet) -> tuple[str, ...]:
+    """The training tasks of the in-distribution split: ``cfg.eval_in_distribution``, or for ``auto`` (or
+    empty) the first training task of each family in manifest order (family from the manifest, else the
+    synthetic suite's; tasks without one form one family)."""
+    from ..data.synthetic import TASK_FAMILIES
+
+    if cfg.eval_in_distribution not in ((), (AUTO,)):
+        return cfg.eval_in_distribution
+    first: dict[str, str] = {}
+    for task, info in teachers.tasks.items():
+        if task not in cfg.held_out:
+            family = info.get("family") or (TASK_FAMILIES[task][0].name if task in TASK_FAMILIES else "")
+            first.setdefault(family, task)
+    return tuple(first.values())
+
+
 @dataclass
 class Evaluator:
-    """Shared evaluation state: base model, tasks, teacher deltas; measures K adapters at a time."""
+    """Shared evaluation state: base model, tasks, teacher deltas; measures K adapters at a time.
+    ``cfg`` is the comparison with its in-distribution tasks resolved."""
 
     cfg: ComparisonConfig
     teachers: TeacherSet
     model: torch.nn.Module
     tokenizer: object
     computer: object  # DeltaComputer
-    teacher_deltas: torch.Tensor  # (num_teachers, H)
+    teacher_deltas: torch.Tensor  # (num_teachers, H), CPU
     tasks: dict[str, Task] = field(default_factory=dict)
     progress: bool = True
 
-    def accuracy(self, task: str, factors: LoraFactors | None) -> list[float]:
-        """Accuracy on ``task`` of the base model (None) or of each of K adapters."""
+    def accuracy(self, task: str, factors: LoraFactors | None) -> tuple[list[float], int]:
+        """Accuracy on ``task`` of the base model (None) or of each of K adapters, and the test examples scored."""
         from ..eval.scoring import AdapterBatch, ScoringConfig, evaluate_task
 
         scoring = ScoringConfig(fmt=task_format(self.teachers, task), progress=False)
         adapters = None if factors is None else AdapterBatch(self.computer.lora, factors)
         results = evaluate_task(self.model, self.tokenizer, self.tasks[task], scoring, adapters, limit=self.cfg.eval_limit)
-        return [r.accuracy for r in results]
+        return [r.accuracy for r in results], results[0].total
 
-    def behaviour(self, tasks: list[str], factors: LoraFactors) -> list[dict]:
-        """Δ cosine / specificity / top-1 of K adapters meant for ``tasks``."""
-        from ..eval.behaviour import delta_specificity
-
+    def deltas(self, factors: LoraFactors) -> torch.Tensor:
+        """(K, H) Δ of K adapters on the comparison's probes, CPU."""
         with torch.no_grad():
-            deltas = self.computer.deltas(factors).cpu()
-        report = delta_specificity(deltas, tasks, self.teacher_deltas.cpu(), [e.task for e in self.teachers.entries])
-        return [{"cos_own": a.cos_own, "cos_others": a.cos_others, "specificity": a.specificity,
-                 "top1": float(a.top1)} for a in report.adapters]
+            return self.computer.deltas(factors).cpu()
+
+    def behaviour(self, tasks: list[str], deltas: torch.Tensor) -> list[dict]:
+        """Δ cosine / specificity / top-1 / norm ratio of N adapters (``deltas`` (N, H)) meant for ``tasks``."""
+        from ..eval.behaviour import delta_specificity, task_means
+
+        labels = [e.task for e in self.teachers.entries]
+        report = delta_specificity(deltas, tasks, self.teacher_deltas, labels)
+        names, means = task_means(self.teacher_deltas, labels)
+        ratios = deltas.float().norm(dim=1) / means[[names.index(t) for t in tasks]].norm(dim=1)
+        return [{"cos_own": a.cos_own, "cos_others": a.cos_others, "specificity": a.specificity, "top1": float(a.top1),
+                 "norm_ratio": float(r)} for a, r in zip(report.adapters, ratios)]
 
 
 def build_evaluator(cfg: ComparisonConfig, progress: bool = True) -> Evaluator:
@@ -190,10 +271,11 @@ def build_evaluator(cfg: ComparisonConfig, progress: bool = True) -> Evaluator:
     from ..models.registry import load_base_model, resolve_base_model
 
     teachers = load_teacher_set(cfg.teachers)
+    cfg = replace(cfg, eval_in_distribution=in_distribution_tasks(cfg, teachers))
     reference = training_config(cfg, cfg.variants[0], cfg.seeds[0])
     model_dir = resolve_base_model(teachers.model_name)
     model, tokenizer = load_base_model(model_dir, dtype=reference.dtype)
-    probes = get_probe_set(reference.delta.probes, chat_template=True if reference.delta.chat_template else None)
+    probes = get_probe_set(cfg.probes)
     computer = DeltaComputer(model, tokenizer, teachers.layout, probes, layer=reference.delta.layer)
     cache = DeltaCache(reference.delta.cache or Path(cfg.teachers) / "deltas")
     deltas = cached_teacher_deltas(computer, cache, delta_context(computer, teachers.model_name, model_dir),
@@ -201,38 +283,62 @@ def build_evaluator(cfg: ComparisonConfig, progress: bool = True) -> Evaluator:
                                    progress=progress)
     names = list(dict.fromkeys([*cfg.held_out, *cfg.eval_in_distribution]))
     tasks = {name: evaluation_task(name, cfg.data_dir) for name in names}
-    return Evaluator(cfg, teachers, model, tokenizer, computer, deltas, tasks, progress)
+    return Evaluator(cfg, teachers, model, tokenizer, computer, deltas.float().cpu(), tasks, progress)
+
+
+def train_multitask_loras(cfg: ComparisonConfig, evaluator: Evaluator) -> dict[int, Path]:
+    """The multitask LoRA baseline of every seed on the teachers' training tasks (trained unless cached)."""
+    from ..teachers.multitask import multitask_config, train_multitask_lora
+
+    ev = evaluator
+    training = [t for t in ev.teachers.task_names() if t not in cfg.held_out]
+    return {seed: train_multitask_lora(ev.model, ev.tokenizer, ev.teachers,
+                                       multitask_config(ev.teachers, training, cfg.multitask_lora_steps,
+                                                        cfg.multitask_lora_batch, seed),
+                                       run_folder(cfg, MULTITASK, seed), cfg.data_dir, ev.progress)
+            for seed in cfg.seeds}
 
 
 def _last_snapshots(teachers: TeacherSet, tasks: list[str]):
     return [max((e for e in teachers.entries if e.task == t), key=lambda e: e.step).path for t in tasks]
 
 
-def evaluate(cfg: ComparisonConfig, runs: dict[tuple[str, int], Path], evaluator: Evaluator) -> list[dict]:
-    """One row per (model, seed, task): accuracy and behaviour measures."""
+def evaluate(cfg: ComparisonConfig, runs: dict[tuple[str, int], Path], evaluator: Evaluator,
+             multitask: dict[int, Path] | None = None) -> list[dict]:
+    """One row per (model, seed, task): accuracy, behaviour measures and recovery. ``multitask``: the
+    multitask LoRA of each seed."""
     from ..delta.deltas import load_teacher_factors
     from ..training.generate import load_trained_generator, sample_prompts
 
     ev = evaluator
     tasks = list(ev.tasks)
+    multitask = multitask or {}
+    param = next(ev.model.parameters())
     rows = []
-    steps = len(tasks) * (2 + len(runs) * (1 + 2 * sum(v.name in cfg.controls for v in cfg.variants) / len(cfg.variants)))
-    bar = tqdm(total=int(steps), desc="evaluate", unit="model-task", disable=not ev.progress)
+
+    def add(model: str, seed: int | None, task: str, accuracy: float, examples: int, measures: dict | None = None):
+        rows.append({"model": model, "seed": seed, "task": task, "split": _split(cfg, task), "accuracy": accuracy,
+                     "examples": examples, **(measures or {})})
+
+    trained = [key for key, run in runs.items() if run is not None]
+    per_run = 1 + 2 * sum(v.name in cfg.controls for v in cfg.variants) / max(1, len(cfg.variants))  # with controls
+    bar = tqdm(total=int(len(tasks) * (2 + len(trained) * per_run + bool(multitask))), desc="evaluate",
+               unit="model-task", disable=not ev.progress)
     for task in tasks:
-        rows.append({"model": "base", "seed": None, "task": task, "split": _split(cfg, task),
-                     "accuracy": ev.accuracy(task, None)[0]})
+        accuracies, examples = ev.accuracy(task, None)
+        add("base", None, task, accuracies[0], examples)
         bar.update(1)
-    teacher_factors = load_teacher_factors(_last_snapshots(ev.teachers, tasks), ev.teachers.layout,
-                                           next(ev.model.parameters()).dtype, next(ev.model.parameters()).device)
-    behaviour = ev.behaviour(tasks, teacher_factors)
+    teacher_factors = load_teacher_factors(_last_snapshots(ev.teachers, tasks), ev.teachers.layout, param.dtype,
+                                           param.device)
+    behaviour = ev.behaviour(tasks, ev.deltas(teacher_factors))
     for k, task in enumerate(tasks):
         one = {p: (a[k : k + 1], b[k : k + 1]) for p, (a, b) in teacher_factors.items()}
-        rows.append({"model": "teacher", "seed": None, "task": task, "split": _split(cfg, task),
-                     "accuracy": ev.accuracy(task, one)[0], **behaviour[k]})
+        accuracies, examples = ev.accuracy(task, one)
+        add("teacher", None, task, accuracies[0], examples, behaviour[k])
         bar.update(1)
-    for (variant, seed), run in ((key, run) for key, run in runs.items() if run is not None):
-        trained = load_trained_generator(run)
-        n = trained.config.generator.num_prompts
+    for variant, seed in trained:
+        generator = load_trained_generator(runs[(variant, seed)])
+        n = generator.config.generator.num_prompts
         kinds = {"": [ev.teachers.prompts(t) if t in ev.teachers.tasks else ev.tasks[t].conditions for t in tasks]}
         if variant in cfg.controls:
             kinds["mismatched"] = kinds[""][1:] + kinds[""][:1]  # each task gets the next task's prompts
@@ -241,60 +347,140 @@ def evaluate(cfg: ComparisonConfig, runs: dict[tuple[str, int], Path], evaluator
             label = variant if not kind else f"{variant} ({kind} prompts)"
             prompt_lists = [draw for i, pool in enumerate(pools)
                             for draw in sample_prompts(pool, n, cfg.samples, seed + 1000 * i)]
-            factors = trained.factors(prompt_lists)
-            measures = ev.behaviour([t for t in tasks for _ in range(cfg.samples)], factors)
+            factors = generator.factors(prompt_lists)
+            measures = ev.behaviour([t for t in tasks for _ in range(cfg.samples)], ev.deltas(factors))
             for i, task in enumerate(tasks):
                 block = slice(i * cfg.samples, (i + 1) * cfg.samples)
-                accuracies = ev.accuracy(task, {p: (a[block], b[block]) for p, (a, b) in factors.items()})
-                rows.append({"model": label, "seed": seed, "task": task, "split": _split(cfg, task),
-                             "accuracy": statistics.fmean(accuracies),
-                             **{key: statistics.fmean(m[key] for m in measures[block]) for key in measures[0]}})
+                accuracies, examples = ev.accuracy(task, {p: (a[block], b[block]) for p, (a, b) in factors.items()})
+                add(label, seed, task, statistics.fmean(accuracies), examples,
+                    {key: statistics.fmean(m[key] for m in measures[block]) for key in measures[0]})
                 bar.update(1)
+    if multitask:  # the seeds' adapters together: one Δ each, measured against every task
+        seeds = list(multitask)
+        factors = load_teacher_factors([multitask[s] for s in seeds], ev.teachers.layout, param.dtype, param.device)
+        measures = ev.behaviour(tasks * len(seeds), ev.deltas(factors).repeat_interleave(len(tasks), 0))
+        for i, task in enumerate(tasks):
+            accuracies, examples = ev.accuracy(task, factors)
+            for j, seed in enumerate(seeds):
+                add(MULTITASK, seed, task, accuracies[j], examples, measures[j * len(tasks) + i])
+            bar.update(1)
     bar.close()
-    return rows
+    return add_recovery(rows)
 
 
 def _split(cfg: ComparisonConfig, task: str) -> str:
     return "held-out" if task in cfg.held_out else "in-distribution"
 
 
+def add_recovery(rows: list[dict]) -> list[dict]:
+    """Set every row's ``recovery`` = (accuracy − base) / (teacher − base) on its task, from the task's
+    ``base`` and ``teacher`` rows; NaN where the teacher differs from the base model by less than one of
+    the ``examples`` scored (|teacher − base| < 1 / examples, up to float rounding: there is no gain to recover)."""
+    base = {r["task"]: r for r in rows if r["model"] == "base"}
+    teacher = {r["task"]: r["accuracy"] for r in rows if r["model"] == "teacher"}
+    for row in rows:
+        reference = base[row["task"]]
+        gain = teacher[row["task"]] - reference["accuracy"]
+        defined = abs(gain) * reference["examples"] > 1 - 1e-6
+        row["recovery"] = (row["accuracy"] - reference["accuracy"]) / gain if defined else math.nan
+    return rows
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _finite(values) -> list[float]:
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean ± std over seeds of the per-seed means over held-out tasks, per model and split."""
-    measures = ("accuracy", "cos_own", "specificity", "top1")
+    """Per model and split: mean ± std over seeds of the per-seed means over the split's tasks. Recovery
+    leaves out the tasks where it is undefined; ``recovery_task_std`` is its spread over tasks (std of
+    the per-task recoveries averaged over seeds)."""
     groups: dict[tuple[str, str], dict[int | None, list[dict]]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["split"]), {}).setdefault(row["seed"], []).append(row)
     summary = []
     for (model, split), by_seed in groups.items():
         entry = {"model": model, "split": split, "seeds": len(by_seed)}
-        for key in measures:
+        for key in MEASURES:
             per_seed = [statistics.fmean(r[key] for r in seed_rows) for seed_rows in by_seed.values()
                         if all(key in r and not math.isnan(r[key]) for r in seed_rows)]
             if per_seed:
-                entry[key] = statistics.fmean(per_seed)
-                entry[key + "_std"] = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
+                entry[key], entry[key + "_std"] = statistics.fmean(per_seed), _std(per_seed)
+        per_seed = [statistics.fmean(v) for v in (_finite(r.get("recovery") for r in seed_rows)
+                                                  for seed_rows in by_seed.values()) if v]
+        if per_seed:
+            per_task: dict[str, list[float]] = {}
+            for row in (r for seed_rows in by_seed.values() for r in seed_rows):
+                per_task.setdefault(row["task"], []).extend(_finite([row.get("recovery")]))
+            entry["recovery"], entry["recovery_std"] = statistics.fmean(per_seed), _std(per_seed)
+            entry["recovery_task_std"] = _std([statistics.fmean(v) for v in per_task.values() if v])
         summary.append(entry)
     return summary
 
 
-def markdown_table(summary: list[dict], split: str = "held-out") -> str:
-    """The comparison table: accuracy and delta measures per model (mean ± std over seeds)."""
+# markdown_table's columns: (header, summary key, decimals, scale)
+COLUMNS = (("accuracy %", "accuracy", 1, 100.0), ("recovery", "recovery", 2, 1.0),
+           ("Δ cos to own teacher", "cos_own", 3, 1.0), ("norm ratio", "norm_ratio", 2, 1.0),
+           ("specificity", "specificity", 3, 1.0), ("top-1", "top1", 3, 1.0))
 
-    def cell(entry, key, percent=False):
+
+def markdown_table(summary: list[dict], split: str = "held-out") -> str:
+    """The comparison table of one split: measures per model (mean ± std over seeds)."""
+
+    def cell(entry, key, digits, scale):
         if key not in entry:
             return "–"
-        scale = 100.0 if percent else 1.0
-        text = f"{entry[key] * scale:.1f}" if percent else f"{entry[key]:.3f}"
-        if entry["seeds"] > 1:
-            text += f" ± {entry[key + '_std'] * scale:.1f}" if percent else f" ± {entry[key + '_std']:.3f}"
-        return text
+        text = f"{entry[key] * scale:.{digits}f}"
+        return text + (f" ± {entry[key + '_std'] * scale:.{digits}f}" if entry["seeds"] > 1 else "")
 
-    lines = ["| model | accuracy % | Δ cos to own teacher | specificity | top-1 |", "|---|---:|---:|---:|---:|"]
-    for entry in summary:
-        if entry["split"] == split:
-            lines.append(f"| {entry['model']} | {cell(entry, 'accuracy', True)} | {cell(entry, 'cos_own')} | "
-                         f"{cell(entry, 'specificity')} | {cell(entry, 'top1')} |")
+    lines = ["| model | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    lines += ["| " + " | ".join([e["model"], *(cell(e, *c[1:]) for c in COLUMNS)]) + " |"
+              for e in summary if e["split"] == split]
     return "\n".join(lines)
+
+
+def task_table(rows: list[dict], split: str = "held-out") -> str:
+    """Per model (rows) and task (columns) of one split: accuracy % (recovery), means over seeds."""
+    cells: dict[str, dict[str, list[dict]]] = {}
+    for row in (r for r in rows if r["split"] == split):
+        cells.setdefault(row["model"], {}).setdefault(row["task"], []).append(row)
+    tasks = list(dict.fromkeys(r["task"] for r in rows if r["split"] == split))
+
+    def cell(group: list[dict]) -> str:
+        recovery = _finite(r.get("recovery") for r in group)
+        return (f"{100 * statistics.fmean(r['accuracy'] for r in group):.1f} "
+                f"({f'{statistics.fmean(recovery):.2f}' if recovery else '–'})")
+
+    lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    lines += [f"| {model} | " + " | ".join(cell(by_task[t]) if t in by_task else "–" for t in tasks) + " |"
+              for model, by_task in cells.items()]
+    return "\n".join(lines)
+
+
+def split_tables(rows: list[dict], summary: list[dict]) -> str:
+    """Both splits' summary tables, each under a line naming its tasks, and what the measures mean."""
+    parts = []
+    for split, what in SPLITS.items():
+        chosen = [r for r in rows if r["split"] == split]
+        if chosen:
+            tasks = ", ".join(dict.fromkeys(r["task"] for r in chosen))
+            parts += [f"{split.capitalize()} tasks ({tasks}), {what}; mean over tasks, {chosen[0]['examples']} "
+                      "test examples each:", "", markdown_table(summary, split), ""]
+    return "\n".join(parts + [NOTE])
+
+
+def _json_ready(x):
+    """NaN as null, so results.json is standard JSON."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_ready(v) for v in x]
+    return x
 
 
 def write_report(cfg: ComparisonConfig, rows: list[dict], summary: list[dict],
@@ -303,15 +489,24 @@ def write_report(cfg: ComparisonConfig, rows: list[dict], summary: list[dict],
     runs (``variant seedK``) that produced a non-finite loss and are missing from the tables."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "results.json", json.dumps({"config": to_dict(cfg), "rows": rows, "summary": summary,
-                                                 "diverged": list(diverged)}, indent=1, default=str) + "\n")
-    keys = ["model", "seed", "task", "split", "accuracy", "cos_own", "cos_others", "specificity", "top1"]
+    results = {"config": to_dict(cfg), "rows": rows, "summary": summary, "diverged": list(diverged)}
+    write_text(out / "results.json", json.dumps(_json_ready(results), indent=1, default=str) + "\n")
+    keys = ["model", "seed", "task", "split", "accuracy", "cos_own", "cos_others", "specificity", "top1", "recovery",
+            "norm_ratio"]
     csv = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) for r in rows]
     write_text(out / "results.csv", "\n".join(csv) + "\n")
+    undefined = [r["task"] for r in rows if r["model"] == "teacher" and math.isnan(r["recovery"])]
     report = ["# Comparison", "", f"Teachers: `{cfg.teachers}`; held-out tasks: {', '.join(cfg.held_out) or '–'}; "
-              f"seeds: {', '.join(map(str, cfg.seeds))}.", "", "## Held-out tasks", "", markdown_table(summary, "held-out")]
-    if cfg.eval_in_distribution:
-        report += ["", "## In-distribution tasks", "", markdown_table(summary, "in-distribution")]
+              f"in-distribution tasks: {', '.join(cfg.eval_in_distribution) or '–'}; "
+              f"seeds: {', '.join(map(str, cfg.seeds))}.", "", NOTE, "",
+              "Recovery undefined (teacher within one test example of the base model): "
+              f"{', '.join(undefined) or 'none'}.", "", "Generators:", ""]
+    report += [f"- `{v.name}`: {v.description or 'overrides'} (`{' '.join(v.overrides) or 'defaults'}`)"
+               for v in cfg.variants]
+    for split, title in (("held-out", "Held-out tasks"), ("in-distribution", "In-distribution tasks")):
+        if any(r["split"] == split for r in rows):
+            report += ["", f"## {title}", "", markdown_table(summary, split), "",
+                       "Per task: accuracy % (recovery), mean over seeds.", "", task_table(rows, split)]
     if diverged:
         report += ["", f"Diverged (non-finite loss; left out of the tables): {', '.join(diverged)}."]
     write_text(out / "report.md", "\n".join(report) + "\n")
@@ -321,7 +516,8 @@ def write_report(cfg: ComparisonConfig, rows: list[dict], summary: list[dict],
 
 
 def plot_summary(summary: list[dict], path: Path) -> Path | None:
-    """Bars of held-out accuracy and specificity per model, with std over seeds."""
+    """Bars of recovery per model on held-out and on in-distribution tasks, with std over seeds (None:
+    no matplotlib)."""
     try:
         import matplotlib
 
@@ -331,16 +527,19 @@ def plot_summary(summary: list[dict], path: Path) -> Path | None:
         return None
     from ..atomic import atomic_path
 
-    held = [e for e in summary if e["split"] == "held-out"]
-    if not held:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, title in ((axes[0], "accuracy", "held-out accuracy"), (axes[1], "specificity", "Δ specificity")):
-        entries = [e for e in held if key in e]
-        ax.bar(range(len(entries)), [e[key] for e in entries], yerr=[e.get(key + "_std", 0) for e in entries],
-               color=plt.cm.tab10(np.arange(len(entries)) % 10), capsize=3)
+    models = list(dict.fromkeys(e["model"] for e in summary))
+    colours = dict(zip(models, plt.cm.tab10(np.arange(len(models)) % 10)))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, split in zip(axes, SPLITS):
+        entries = [e for e in summary if e["split"] == split and "recovery" in e]
+        if not entries:
+            ax.text(0.5, 0.5, "recovery undefined on every task", ha="center", transform=ax.transAxes)
+        ax.bar(range(len(entries)), [e["recovery"] for e in entries], yerr=[e["recovery_std"] for e in entries],
+               color=[colours[e["model"]] for e in entries], capsize=3)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.axhline(1.0, color="grey", linewidth=0.6, linestyle="--")
         ax.set_xticks(range(len(entries)), [e["model"] for e in entries], rotation=30, ha="right", fontsize=8)
-        ax.set_title(title)
+        ax.set_title(f"{split} recovery (0 = base, 1 = teacher)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -348,14 +547,27 @@ def plot_summary(summary: list[dict], path: Path) -> Path | None:
     return path
 
 
-def run_comparison(cfg: ComparisonConfig, progress: bool = True) -> tuple[list[dict], list[dict]]:
-    """Train (or reuse) every run, evaluate, write the report; returns (rows, summary)."""
+def train_comparison(cfg: ComparisonConfig, progress: bool = True):
+    """Everything a comparison trains: the generator runs, then (with the evaluator that holds the base
+    model) the multitask LoRAs. Returns (runs, evaluator, multitask LoRAs); cached runs are reused."""
     if not cfg.held_out:
         raise LLGBMError("a comparison needs held-out tasks to evaluate (held_out)")
     runs = train_runs(cfg, progress)
     evaluator = build_evaluator(cfg, progress)
-    rows = evaluate(cfg, runs, evaluator)
+    multitask = train_multitask_loras(evaluator.cfg, evaluator) if cfg.multitask_lora else {}
+    return runs, evaluator, multitask
+
+
+def report_comparison(runs: dict, evaluator: Evaluator, multitask: dict) -> tuple[list[dict], list[dict]]:
+    """Evaluate what ``train_comparison`` trained and write the report; returns (rows, summary)."""
+    cfg = evaluator.cfg  # in-distribution tasks resolved
+    rows = evaluate(cfg, runs, evaluator, multitask)
     summary = summarise(rows)
     diverged = tuple(f"{variant} seed{seed}" for (variant, seed), run in runs.items() if run is None)
     write_report(cfg, rows, summary, diverged)
     return rows, summary
+
+
+def run_comparison(cfg: ComparisonConfig, progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Train (or reuse) every run and the multitask LoRAs, evaluate, write the report; returns (rows, summary)."""
+    return report_comparison(*train_comparison(cfg, progress))

@@ -1,0 +1,137 @@
+"""The multitask LoRA baseline: one LoRA trained on the mixture of a teacher set's training tasks.
+
+It is what Text-to-LoRA compares generators with: a single adapter that has seen every training task
+and none of the held-out ones. It is trained as the teachers are (``GroupTrainer``: PEFT's LoRA, AdamW,
+warm-up + cosine, per-adapter clipping), each task in its teachers' answer format (manifest), from
+the teachers' shared initial adapter when the manifest records one. Every step draws the same number
+of sequences from every task, so large tasks do not outweigh small ones.
+
+The adapter is a PEFT directory with the settings it was trained with (``settings.json``) and its
+loss per step (``losses.json``); it is trained again only when those settings change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.formatting import PromptFormat
+from ..data.records import Task
+from ..data.teacher_set import TeacherSet
+from ..lora.adapters import WEIGHTS_NAME, load_adapter, save_peft_adapter
+from ..lora.factors import factors_from_state_dict
+from .batches import Batch, EncodedTask, encode_task, make_batch, step_indices
+from .config import TeacherConfig, TeacherError
+from .train import GroupTrainer
+
+NAME = "multitask_lora"
+SETTINGS = "settings.json"
+LOSSES = "losses.json"
+
+
+def task_format(teachers: TeacherSet, task: str) -> PromptFormat:
+    """The answer format the teachers of ``task`` were trained with (manifest), default cloze/option."""
+    record = teachers.tasks.get(task, {}).get("format")
+    return PromptFormat(**record) if record else PromptFormat()
+
+
+def training_task(name: str, data_dir: str | None) -> Task:
+    """A task's training split: the synthetic suite's, or a DnD-format file in ``data_dir``."""
+    from ..data.synthetic import TASK_FAMILIES, get_synthetic_task
+
+    if name in TASK_FAMILIES:
+        return get_synthetic_task(name)
+    if data_dir is None:
+        raise TeacherError(f"task {name!r} is not synthetic: give data_dir (DnD-format task files)")
+    from ..data.dnd_format import load_task
+
+    return load_task(Path(data_dir), name, splits=("train",))
+
+
+def mixture(tasks: list[EncodedTask], name: str = NAME) -> EncodedTask:
+    """The sequences of several tasks as one task, right-padded to one width (task by task, in order)."""
+    width = max(t.ids.shape[1] for t in tasks)
+    ids = torch.cat([F.pad(t.ids, (0, width - t.ids.shape[1]), value=t.pad_id) for t in tasks])
+    return EncodedTask(name, ids, torch.cat([t.lengths for t in tasks]), torch.cat([t.num_target for t in tasks]),
+                       tasks[0].pad_id, sum(t.skipped for t in tasks))
+
+
+class MixtureTrainer(GroupTrainer):
+    """One LoRA on the mixture of ``tasks``; a step takes ``config.batch_size`` sequences of every task,
+    drawn per task as a teacher's are (a function of seed, task and step)."""
+
+    def __init__(self, model, layout, tasks: list[EncodedTask], config: TeacherConfig, state_dir):
+        super().__init__(model, layout, [mixture(tasks)], config, state_dir)
+        self.parts = tasks
+        self.offsets = np.cumsum([0] + [len(t) for t in tasks[:-1]])
+
+    def batch(self, step: int) -> Batch:
+        indices = np.concatenate([offset + step_indices(len(t), self.config.batch_size, self.config.seed, t.name, step)
+                                  for offset, t in zip(self.offsets, self.parts)])
+        b = make_batch(self.tasks, [indices])
+        return Batch(*(x.to(self.device) for x in (b.input_ids, b.attention_mask, b.predicts, b.targets)))
+
+
+def multitask_config(teachers: TeacherSet, tasks: list[str], steps: int, batch: int, seed: int) -> TeacherConfig:
+    """Teacher settings of the multitask LoRA: ``steps`` steps of ``batch`` sequences, split equally over
+    ``tasks`` (rounded up to a multiple of their number), the teachers' rank, alpha and targets."""
+    if not tasks:
+        raise TeacherError(f"{teachers.root}: no training task left for the multitask LoRA")
+    layout = teachers.layout
+    return TeacherConfig(base_model=teachers.model_name, tasks=tuple(tasks), rank=layout.rank, alpha=layout.alpha,
+                         targets=tuple(layout.targets), batch_size=-(-batch // len(tasks)), warmup_steps=0,
+                         snapshot_every=steps, snapshots=1, seed=seed, eval_limit=0, probes=None)
+
+
+def settings(teachers: TeacherSet, config: TeacherConfig) -> dict:
+    """What the adapter depends on: training settings, the teacher set, its formats and initial adapter."""
+    init = teachers.init_adapter
+    if init is not None and not (init / WEIGHTS_NAME).is_file():
+        raise TeacherError(f"{init}: missing (the initial adapter listed in {teachers.root}/manifest.json)")
+    record = {**config.training_digest(), "teachers": str(Path(teachers.root).resolve()),
+              "formats": {t: asdict(task_format(teachers, t)) for t in config.tasks},
+              "init": hashlib.sha256((init / WEIGHTS_NAME).read_bytes()).hexdigest()[:16] if init else None}
+    return json.loads(json.dumps(record))  # as read back from settings.json
+
+
+def train_multitask_lora(model, tokenizer, teachers: TeacherSet, config: TeacherConfig, out: str | Path,
+                         data_dir: str | None = None, progress: bool = True) -> Path:
+    """The multitask LoRA of ``config.tasks`` as a PEFT directory ``out``; trained unless ``out`` holds one
+    trained with the same settings."""
+    out = Path(out)
+    param = next(model.parameters())
+    config = replace(config, dtype=str(param.dtype).removeprefix("torch."))  # the dtype it is trained in
+    wanted = settings(teachers, config)
+    try:
+        cached = json.loads((out / SETTINGS).read_text()) == wanted and (out / WEIGHTS_NAME).is_file()
+    except (OSError, json.JSONDecodeError):
+        cached = False
+    if cached:
+        return out
+    encoded = [encode_task(training_task(t, data_dir), tokenizer, task_format(teachers, t), config.max_length,
+                           tokenizer.pad_token_id) for t in config.tasks]
+    trainer = MixtureTrainer(model, teachers.layout, encoded, config, out)  # never saves state: minutes, not resumed
+    if teachers.init_adapter is not None:
+        layout = teachers.layout
+        start = factors_from_state_dict(load_adapter(teachers.init_adapter, layout).state_dict, layout)
+        with torch.no_grad():
+            for proj, pair in trainer.factors.items():
+                for t, s in zip(pair, start[proj]):
+                    t[0].copy_(s)
+    losses = []
+    with tqdm(total=config.total_steps, desc=f"{NAME} ({len(config.tasks)} tasks)", unit="step",
+              disable=not progress) as bar:
+        while trainer.step < config.total_steps:
+            losses.append(round(float(trainer.train_step()[0]), 6))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    save_peft_adapter(trainer.adapter(0), out, teachers.layout, base_model_name_or_path=teachers.model_name,
+                      extra_json={SETTINGS: wanted, LOSSES: {"loss": losses}})
+    return out

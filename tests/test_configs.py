@@ -29,3 +29,24 @@ def test_qwen05b_config_is_dnd_sized():
     cfg = load_config(TrainingConfig, REPO_ROOT / "configs" / "qwen2.5-0.5b-commonsense.yaml")
     assert cfg.data.held_out == ("arc_e",)
     assert abs(count_parameters(cfg.generator, LAYOUTS["qwen2.5-0.5b-commonsense"]) - 1.113e9) / 1.113e9 < 0.005
+
+
+def test_tiny_yaml_is_the_demo_recipe():
+    """configs/tiny.yaml (what the ablations start from) trains the demo's LLGBM generator."""
+    from llgbm_ext.experiments.demo import PLANS
+
+    plan = PLANS["default"]
+    shipped = load_config(TrainingConfig, REPO_ROOT / "configs" / "tiny.yaml", ["data.teachers=x", "out_dir=y"])
+    demo = load_config(TrainingConfig, None, ["data.teachers=x", "out_dir=y", *plan.training, *plan.llgbm.overrides])
+    assert shipped == demo
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs" / "ablations").glob("*.yaml")), ids=lambda p: p.stem)
+def test_ablation_configs_load_every_variant(path):
+    from llgbm_ext.experiments.comparison import ComparisonConfig, training_config
+
+    cfg = load_config(ComparisonConfig, path)
+    assert cfg.held_out and len(cfg.seeds) >= 3
+    for variant in cfg.variants:
+        tcfg = training_config(cfg, variant, cfg.seeds[0])  # every override names a real key with a valid value
+        assert tcfg.out_dir.endswith(f"{variant.name}/seed{cfg.seeds[0]}")

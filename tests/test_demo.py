@@ -22,19 +22,34 @@ def test_quick_demo_runs_every_stage(quick_demo, capsys):
     assert code == 0
     manifest = json.loads((out / "teachers" / "manifest.json").read_text())
     assert sorted(manifest["tasks"]) == sorted(PLANS["quick"].tasks)
-    # teachers learn the multiple-choice family that the base model does not solve
+    # teachers learn the multiple-choice tasks the base model does not solve (colour it nearly solves already)
     category = [manifest["tasks"][t] for t in manifest["tasks"] if t.startswith("category_")]
-    assert all(t["teacher_accuracy"] > t["base_accuracy"] + 0.3 for t in category)
+    assert all(t["teacher_accuracy"] > max(t["base_accuracy"], 0.6) + 0.2 for t in category)
+    assert manifest["init"]["kind"] == "shared"  # aligned teachers by default
     for variant in ("weight_only", "llgbm"):
         assert (out / "runs" / variant / "seed0" / "metrics.jsonl").is_file()
+    assert (out / "runs" / "multitask_lora" / "seed0" / "adapter_model.safetensors").is_file()
     results = json.loads((out / "results.json").read_text())
+    for split in ("held-out", "in-distribution"):
+        summary = {e["model"]: e for e in results["summary"] if e["split"] == split}
+        assert {"base", "teacher", "weight_only", "llgbm", "multitask_lora"} <= set(summary), split
     held = {e["model"]: e for e in results["summary"] if e["split"] == "held-out"}
-    assert {"base", "teacher", "weight_only", "llgbm", "llgbm (mismatched prompts)", "llgbm (random prompts)"} <= set(held)
-    # delta supervision brings the generated adapters' behaviour (Δ) closer to the unseen task's teacher
-    assert held["llgbm"]["cos_own"] > held["weight_only"]["cos_own"] + 0.2
-    assert (out / "report.md").is_file() and (out / "results.csv").is_file()
+    assert {"llgbm (mismatched prompts)", "llgbm (random prompts)"} <= set(held)
+    teacher_rows = [r for r in results["rows"] if r["model"] == "teacher"]
+    assert all(r["recovery"] == pytest.approx(1.0) for r in teacher_rows if r["recovery"] is not None)
+    # the behaviour signal moves the generated adapters' outputs toward the teachers' on their own tasks
+    indist = {e["model"]: e for e in results["summary"] if e["split"] == "in-distribution"}
+    assert indist["llgbm"]["accuracy"] > indist["base"]["accuracy"]
+    assert (out / "report.md").is_file() and "## In-distribution tasks" in (out / "report.md").read_text()
+    csv_header = (out / "results.csv").read_text().splitlines()[0]
+    assert "recovery" in csv_header and "norm_ratio" in csv_header
     png = out / "comparison.png"
     assert not png.exists() or png.read_bytes()[:8] == PNG
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert png.is_file()  # matplotlib is installed: the plot must be there
 
 
 def test_second_run_reuses_every_stage(quick_demo, capsys):
@@ -43,7 +58,8 @@ def test_second_run_reuses_every_stage(quick_demo, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "| llgbm |" in printed and "| teacher |" in printed and "(held out)" in printed
+    assert "| llgbm |" in printed and "| teacher |" in printed and "| multitask_lora |" in printed
+    assert "(held out)" in printed and "LLGBM here is:" in printed
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps  # nothing retrained
 
 

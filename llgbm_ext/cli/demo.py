@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .arguments import positive_int
+
 
 def register(sub, common) -> None:
     p = sub.add_parser("demo", parents=[common],
@@ -13,7 +15,9 @@ def register(sub, common) -> None:
                            "(under an hour on 2 cores)")
     p.add_argument("--out", help="output folder (default runs/demo, runs/demo-quick or runs/demo-real)")
     p.add_argument("--seed", type=int, default=0, help="seed of teachers and generators (default 0)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch CPU threads of this process (default: torch's choice)")
+    p.add_argument("--workers", type=positive_int, help="processes that train generators, one thread each "
+                                               "(default: the CPU cores available, at most the runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -30,9 +34,11 @@ def teacher_table(rows: list[dict], held_out: tuple[str, ...]) -> str:
 
 
 def run(args) -> int:
+    import os
+
     import torch
 
-    from ..experiments.comparison import markdown_table
+    from ..experiments.comparison import split_tables
     from ..experiments.demo import PLANS, run_demo
 
     name = "real" if args.real else "quick" if args.quick else "default"
@@ -40,14 +46,13 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = PLANS[name]
-    result = run_demo(plan, out, seed=args.seed, progress=not args.no_progress)
+    workers = args.workers or min(len(os.sched_getaffinity(0)), 2 * plan.seeds)
+    result = run_demo(plan, out, seed=args.seed, progress=not args.no_progress, workers=workers)
     print("\nTeachers (test accuracy, the format they were trained in):\n")
     print(teacher_table(result.teacher_rows, plan.held_out))
-    print(f"\nHeld-out tasks ({', '.join(plan.held_out)}), never seen by the generators; "
-          f"mean over tasks, {plan.eval_limit} test examples each:\n")
-    print(markdown_table(result.summary))
-    print("\nΔ cos: cosine of the adapter's delta to its task's teacher delta; specificity: that minus the mean "
-          "cosine to the other tasks' teachers; top-1: the nearest teacher is the right task.")
+    print()
+    print(f"LLGBM here is: {plan.llgbm.description}.\n")
+    print(split_tables(result.rows, result.summary))
     times = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in result.seconds.items())
     print(f"\ntime: {times} (total {sum(result.seconds.values()) / 60:.1f} min)")
     print(f"report: {result.out / 'report.md'}, {result.out / 'results.csv'}, {result.out / 'comparison.png'}")

@@ -10,7 +10,7 @@ from llgbm_ext.data.synthetic import SuiteConfig, synthetic_suite
 from llgbm_ext.errors import ModelError
 from llgbm_ext.models import pretrain
 from llgbm_ext.models.pretrain import (
-    PretrainConfig, build_pretrained_model, chat_text, packed_rows, plain_text, pretraining_documents, pretrained_model_dir,
+    PretrainConfig, chat_text, packed_rows, plain_text, pretraining_documents, pretrained_model_dir,
 )
 from llgbm_ext.models.registry import load_base_model, resolve_base_model
 from llgbm_ext.models.shipped import SHIPPED_DIR, file_sha256

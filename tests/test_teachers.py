@@ -125,7 +125,7 @@ def test_deltas_are_cached(run_dir, tiny_model, tiny_model_dir):
 def test_batched_steps_equal_peft(tiny_model_dir):
     """Three steps of two tasks at once equal three PEFT LoRA steps on each task alone (same init and batches)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from llgbm_ext.models.registry import load_base_model
 

@@ -28,7 +28,6 @@ summary table.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from dataclasses import dataclass, replace

@@ -20,7 +20,6 @@ Zero vectors give finite values and gradients: norms are clamped at ``eps`` (the
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .weight import LossError, LossResult, compute_dtype

@@ -106,19 +106,23 @@ class KLSignal(BehaviourSignal):
         return self.model.get_output_embeddings()(at).float().view(k, n, *positions.shape[1:], -1)
 
     @torch.no_grad()
-    def compute_targets(self, paths, sets, progress=False) -> Tensor:
-        """(N, E·A, 2k + 1): the teacher's top-k at every answer position of its task's inputs."""
-        out = []
-        everything = torch.arange(self.examples, device=self.device)
-        for path, s in tqdm(list(zip(paths, sets)), desc="teacher logits", unit="adapter", disable=not progress):
-            factors = load_teacher_factors([path], self.layout, model_dtype(self.model), self.device)
-            chunks = [self._answer_logits(factors, torch.tensor([s], device=self.device), part[None])
-                      for part in everything.split(8)]
-            logits = torch.cat(chunks, dim=1)[0]  # (E, A, V)
-            top = teacher_topk(logits, self.top_k) * self.valid[s][..., None]  # padding positions: zeros
-            out.append(top.flatten(0, 1).cpu())
+    def compute_targets(self, paths, sets, progress=False, batch_size: int = 8) -> Tensor:
+        """(N, E·A, 2k + 1): the teacher's top-k at every answer position of its task's inputs, for
+        ``batch_size`` adapters × ``batch_size`` inputs per forward."""
         width = self.examples * self.valid.shape[-1]
-        return torch.stack(out) if out else torch.zeros(0, width, 2 * self.top_k + 1)
+        out = [torch.zeros(0, width, 2 * self.top_k + 1, device=self.device)]
+        examples = torch.arange(self.examples, device=self.device)
+        with tqdm(total=len(paths), desc="teacher logits", unit="adapter", disable=not progress) as bar:
+            for start in range(0, len(paths), batch_size):
+                chunk = list(paths[start : start + batch_size])
+                chunk_sets = torch.tensor(list(sets[start : start + batch_size]), device=self.device)
+                factors = load_teacher_factors(chunk, self.layout, model_dtype(self.model), self.device)
+                picks = [part.expand(len(chunk), -1) for part in examples.split(batch_size)]
+                logits = torch.cat([self._answer_logits(factors, chunk_sets, p) for p in picks], dim=1)  # (K, E, A, V)
+                top = teacher_topk(logits, self.top_k) * self.valid[chunk_sets][..., None]  # padding positions: 0
+                out.append(top.flatten(1, 2))
+                bar.update(len(chunk))
+        return torch.cat(out)
 
     def picks(self, k: int, step: int) -> Tensor:
         """(K, per_step) input indices of step ``step`` for K adapters: a function of (seed, step)."""

@@ -103,8 +103,8 @@ class ComparisonConfig:
     controls: tuple[str, ...] = ("llgbm",)
     probes: str = "generic"
     multitask_lora: bool = True
-    multitask_lora_steps: int = 200
-    multitask_lora_batch: int = 16
+    multitask_lora_steps: int = 400
+    multitask_lora_batch: int = 20
     workers: int = 1
     out_dir: str = "runs/compare"
 
@@ -148,6 +148,12 @@ def _train_one(tcfg, progress: bool, threads: int | None) -> Path | None:
     return Path(tcfg.out_dir)
 
 
+def _cost(tcfg) -> float:
+    """Rough relative cost of a run: its steps, times the base-model forwards of its behaviour signals."""
+    signals = len(tcfg.loss.signals) if tcfg.loss.uses_delta else 0
+    return tcfg.steps * (1 + 4 * signals / (tcfg.loss.delta_every if tcfg.loss.mode == "delta_guided" else 1))
+
+
 def train_runs(cfg: ComparisonConfig, progress: bool = True) -> dict[tuple[str, int], Path | None]:
     """Train every (variant, seed) not already complete; returns their run folders (None: the run diverged,
     which is reported and left out of the evaluation rather than ending the comparison).
@@ -167,6 +173,7 @@ def train_runs(cfg: ComparisonConfig, progress: bool = True) -> dict[tuple[str, 
             runs[(variant.name, seed)] = out
             if not (state.get("step") == tcfg.steps and state.get("config_digest") == config_digest(tcfg)):
                 todo.append(((variant.name, seed), tcfg))
+    todo.sort(key=lambda job: -_cost(job[1]))  # longest first: the processes finish together
     if cfg.workers <= 1:
         for key, tcfg in todo:
             if progress:

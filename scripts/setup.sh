@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Create ./.venv and install llgbm_ext into it, with a torch build that fits this machine.
-#   bash scripts/setup.sh          # runtime only
-#   bash scripts/setup.sh --dev    # plus pytest, matplotlib, scikit-learn, deepspeed (tests, plots)
+#   bash scripts/setup.sh          # runtime, with matplotlib and scikit-learn for the plots
+#   bash scripts/setup.sh --dev    # plus the test tools (pytest, and deepspeed for the ZeRO tests)
 # Without an NVIDIA GPU the CPU build of torch is installed first (never the multi-GB CUDA build):
 # from PyTorch's CPU index when it is reachable, otherwise the pinned torch==2.13.0, which pip
 # takes from a local wheel where the machine carries one. Re-running is cheap and safe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-extras=""
+extras="[plots]"
 case "${1:-}" in
-  --dev) extras="[dev,plots,deepspeed]" ;;
+  --dev) extras="[plots,dev,deepspeed]" ;;
   "") ;;
   *) echo "usage: bash scripts/setup.sh [--dev]" >&2; exit 2 ;;
 esac

@@ -404,6 +404,24 @@ def test_train_inputs_missing_is_one_line(tmp_path, dnd_tree):
         BehaviourTerm.build(config, tmp_path, paths, torch.device("cpu"))
 
 
+def test_dnd_teachers_cli_precomputes_every_signal(tmp_path, dnd_tree, capsys, monkeypatch):
+    """``llgbm dnd teachers`` fills the cache the loss hook then reads: a later build computes nothing."""
+    inputs = _write_train_inputs(tmp_path / "inputs")
+    args = ["dnd", "teachers", "--dnd-root", str(tmp_path), "--device", "cpu", str(dnd_tree / "taskA"),
+            str(dnd_tree / "taskB")]
+    for key, value in dict(base_model="tiny", layout="tiny", probes="task", probes_per_task=2, dtype="float32",
+                           cache_dir=str(tmp_path / "cache"), signals="[delta, kl]", lambda_kl=1.0,
+                           train_inputs=str(inputs), **{"kl.examples": 4, "kl.per_step": 2}).items():
+        args += ["--set", f"{key}={value}"]
+    assert llgbm_main(args) == 0
+    assert "targets of delta, kl for 6 distinct teacher(s) of 6 file(s)" in capsys.readouterr().out
+    from llgbm_ext.signals import KLSignal
+
+    monkeypatch.setattr(DeltaComputer, "teacher_probe_deltas", lambda *a, **k: pytest.fail("recomputed a delta"))
+    monkeypatch.setattr(KLSignal, "compute_targets", lambda *a, **k: pytest.fail("recomputed teacher logits"))
+    assert llgbm_main(args) == 0
+
+
 def test_teacher_deltas_come_from_cache_after_first_build(tmp_path, dnd_tree, monkeypatch):
     paths = sorted(str(p) for p in dnd_tree.rglob("*.safetensors"))
     config = DnDPluginConfig(base_model="tiny", layout="tiny", probes="generic", dtype="float32",

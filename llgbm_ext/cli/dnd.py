@@ -2,12 +2,12 @@
 
     llgbm dnd overlay --dnd-root DIR          lay workspace_overrides/ over DIR/workspace/
     llgbm dnd teachers --dnd-root DIR --config FILE.yaml FOLDER...
-                                              fill the DeltaCache with the teacher deltas of FOLDER/*.safetensors
+                                              fill the DeltaCache with the teacher targets of FOLDER/*.safetensors
 
 ``overlay`` copies the LLGBM configs, probe sets and the CPU smoke task into DnD's ``workspace/``
 (``main/`` and ``llgbm/``; never the overrides' README), atomically per file; a different existing
 file is an error unless ``--force``. ``teachers`` runs the precomputation the loss hook does on the
-first delta step (rank 0), ahead of training, so a multi-GPU run does not wait on it; run it with
+first delta step (every behaviour signal of the config: Δ, KL), ahead of training, so a multi-GPU run does not wait on it; run it with
 the training's device kind (or an explicit ``dtype`` in the config): the dtype is part of the cache key.
 """
 
@@ -37,7 +37,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     o.add_argument("--force", action="store_true", help="replace existing files that differ")
     o.set_defaults(func=run_overlay)
 
-    t = actions.add_parser("teachers", parents=[common], help="precompute teacher deltas into the DeltaCache")
+    t = actions.add_parser("teachers", parents=[common], help="precompute the signals' teacher targets into the DeltaCache")
     t.add_argument("--dnd-root", required=True, metavar="DIR", help="root of the DnD checkout (relative config paths)")
     t.add_argument("--config", metavar="FILE.yaml", help="the plugin config used for training")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
@@ -87,13 +87,14 @@ def run_teachers(args) -> int:
     import torch
 
     from ..dnd.config import load_plugin_config
-    from ..dnd.loss import DeltaTerm
+    from ..dnd.loss import BehaviourTerm
     from ..lora.adapters import list_adapters
 
     config = load_plugin_config(args.config, args.set)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     files = [str(path) for folder in args.folders for path in list_adapters(folder)]
-    term = DeltaTerm.build(config, Path(args.dnd_root).resolve(), files, device)
-    count = len(term.teachers.row_of)
-    print(f"llgbm dnd teachers: {count} teacher delta(s) of {len(files)} file(s) in the DeltaCache")
+    term = BehaviourTerm.build(config, Path(args.dnd_root).resolve(), files, device)
+    count = len(term.teachers.index_of)
+    print(f"llgbm dnd teachers: targets of {', '.join(term.signals)} for {count} distinct teacher(s) of "
+          f"{len(files)} file(s) in the DeltaCache")
     return 0

@@ -214,9 +214,8 @@ class TrainingConfig:
             raise TrainingConfigError("delta_guided needs the delta signal in loss.signals (its head predicts Δ)")
         if self.loss.lambda_kl < 0:
             raise TrainingConfigError(f"loss.lambda_kl must be >= 0, got {self.loss.lambda_kl}")
-        for name in ("probes_per_task",):
-            if getattr(self.delta, name) < 1:
-                raise TrainingConfigError(f"delta.{name} must be positive, got {getattr(self.delta, name)}")
+        if self.delta.probes_per_task < 1:
+            raise TrainingConfigError(f"delta.probes_per_task must be positive, got {self.delta.probes_per_task}")
         for name in ("examples", "per_step", "top_k", "max_length"):
             if getattr(self.kl, name) < 1:
                 raise TrainingConfigError(f"kl.{name} must be positive, got {getattr(self.kl, name)}")

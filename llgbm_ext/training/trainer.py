@@ -146,7 +146,7 @@ class Trainer:
             need_tokens=cfg.loss.weight_loss == "token", need_factors=cfg.loss.weight_loss != "token",
         )
         self.encoder = TextEncoder(cfg.encoder, EmbeddingCache())  # on disk, shared by runs and ranks
-        if self.zero_stage == 3:  # load it now, whole (see _setup_deltas); later it would be partitioned
+        if self.zero_stage == 3:  # load it now, whole (see _setup_signals); later it would be partitioned
             with whole_models(acc):
                 _ = self.encoder.model
         # every condition prompt once, in large batches, into the embedding cache: steps then only read it

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import REPO_ROOT
 from fake_teachers import write_fake_teachers
@@ -135,3 +135,39 @@ def test_deepspeed_two_processes_match_one_and_resume_exactly(stage, teachers, s
         state_a, state_b = partitions[r]["state"][0], again["state"][0]
         assert state_a.keys() == {"step", "exp_avg", "exp_avg_sq"} and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(run)]
+
+
+# --- teacher targets of `llgbm dnd teachers` on two processes -------------------------------------------
+
+def teachers_on_two_processes(teachers: Path, cache: Path, port: int) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m llgbm_ext dnd teachers`` on CPU (gloo): the ranks split the misses."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    folders = sorted(str(p) for p in (teachers / "data" / "fake").iterdir())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "llgbm_ext", "dnd", "teachers", "--dnd-root", str(teachers), "--device", "cpu",
+           "--set", "base_model=tiny", "--set", "layout=tiny", "--set", "probes=generic", "--set", "dtype=float32",
+           "--set", f"cache_dir={cache}", *folders]
+    # generous: a hang would last until the collective timeout (30 min); a clean stop takes seconds
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_dnd_teachers_on_two_processes_fill_the_cache(teachers, tmp_path):
+    done = teachers_on_two_processes(teachers, tmp_path / "cache", 29531)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("llgbm dnd teachers: targets of delta for 6 distinct teacher(s) of 6 file(s)") == 1
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert len(manifest["adapters"]) == 6
+
+
+def test_a_diverged_teacher_on_one_rank_stops_both_ranks_with_one_line(teachers, tmp_path):
+    """The second teacher (the share of rank 1) has overflowing weights: its Δ is not finite. Rank 1
+    finds it; both ranks end with the same one-line error naming the file, none waits at a collective."""
+    bad = tmp_path / "teachers"
+    shutil.copytree(teachers, bad)
+    path = sorted((bad / "data" / "fake").iterdir())[0] / "1.safetensors"
+    save_file({k: v * 1e20 for k, v in load_file(str(path)).items()}, str(path))
+    done = teachers_on_two_processes(bad, tmp_path / "cache", 29532)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("llgbm dnd: error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], done.stderr[-3000:]
+    assert f"{path}: its delta teacher targets are not finite" in errors[0] and "(rank 1 of 2)" in errors[0]

@@ -9,6 +9,7 @@
 file is an error unless ``--force``. ``teachers`` runs the precomputation the loss hook does on the
 first delta step (every behaviour signal of the config: Δ, KL), ahead of training, so a multi-GPU run does not wait on it; run it with
 the training's device kind (or an explicit ``dtype`` in the config): the dtype is part of the cache key.
+Started by ``torchrun`` or ``accelerate launch``, its processes split the misses, as the training's do.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     t.add_argument("--dnd-root", required=True, metavar="DIR", help="root of the DnD checkout (relative config paths)")
     t.add_argument("--config", metavar="FILE.yaml", help="the plugin config used for training")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
-    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: this process's GPU if any)")
     t.add_argument("folders", nargs="+", metavar="FOLDER", help="DnD checkpoint folders (<step>.safetensors files)")
     t.set_defaults(func=run_teachers)
 
@@ -85,16 +86,20 @@ def run_overlay(args) -> int:
 
 def run_teachers(args) -> int:
     import torch
+    from accelerate import PartialState
 
     from ..dnd.config import load_plugin_config
     from ..dnd.loss import BehaviourTerm
     from ..lora.adapters import list_adapters
 
     config = load_plugin_config(args.config, args.set)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    requested = None if args.device == "auto" else torch.device(args.device)
+    state = PartialState(cpu=requested is not None and requested.type == "cpu")  # joins a torchrun launch's processes
+    device = requested if requested is not None else state.device
     files = [str(path) for folder in args.folders for path in list_adapters(folder)]
     term = BehaviourTerm.build(config, Path(args.dnd_root).resolve(), files, device)
     count = len(term.teachers.index_of)
-    print(f"llgbm dnd teachers: targets of {', '.join(term.signals)} for {count} distinct teacher(s) of "
-          f"{len(files)} file(s) in the DeltaCache")
+    if state.is_main_process:
+        print(f"llgbm dnd teachers: targets of {', '.join(term.signals)} for {count} distinct teacher(s) of "
+              f"{len(files)} file(s) in the DeltaCache")
     return 0

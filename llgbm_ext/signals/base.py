@@ -19,11 +19,12 @@ the ranks, gathered, written by rank 0, and every rank then reads the same bytes
 
 from __future__ import annotations
 
+import contextlib
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -127,21 +128,79 @@ def rank() -> int:
     return dist.get_rank() if dist else 0
 
 
-def barrier() -> None:
-    """Wait for every process of torch.distributed (no-op when not distributed)."""
+class RankError(LLGBMError):
+    """A step failed on one process of a torch.distributed run; every process raises it, with that message."""
+
+
+def collective_device() -> torch.device:
+    """Where this process's collective tensors live: its CUDA device under NCCL, else the CPU."""
     dist = _dist()
-    if dist:
-        dist.barrier()
+    if dist and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    message = text[0] if text else ""
+    return message if isinstance(error, LLGBMError) and message else f"{type(error).__name__}: {message or 'no message'}"
+
+
+def agree(error: BaseException | None) -> None:
+    """Collective: each rank says whether it failed. If any did, every rank raises the same one-line
+    ``RankError`` (the lowest failing rank's message), so none is left waiting at a later collective
+    until its timeout. Outside torch.distributed the error itself is raised."""
+    dist = _dist()
+    if not dist:
+        if error is not None:
+            raise error
+        return
+    device = collective_device()
+    message = b"" if error is None else _one_line(error).encode()
+    size = torch.tensor([len(message)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    failed = [r for r, n in enumerate(sizes) if int(n)]
+    if not failed:
+        return
+    first = failed[0]
+    text = torch.zeros(int(sizes[first]), dtype=torch.uint8, device=device)
+    if dist.get_rank() == first:
+        text.copy_(torch.frombuffer(bytearray(message), dtype=torch.uint8))
+    dist.broadcast(text, src=first)
+    message = bytes(text.cpu().tolist()).decode(errors="replace")
+    raise RankError(f"{message} (rank {first} of {dist.get_world_size()})") from error
+
+
+@contextlib.contextmanager
+def together() -> Iterator[None]:
+    """Run a block on every rank, then ``agree``: an exception in it on any rank ends the block with the
+    same one-line error on every rank. Every rank must enter the block."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  (any failure must reach the other ranks)
+        error = e
+    agree(error)
+
+
+def _check_finite(signal: BehaviourSignal, rows: Tensor, paths: Sequence[Path]) -> None:
+    bad = (~torch.isfinite(rows.reshape(len(rows), -1)).all(1)).nonzero().flatten().tolist()
+    if bad:
+        raise SignalError(f"{paths[bad[0]]}: its {signal.name} teacher targets are not finite (NaN or Inf); "
+                          "a diverged or damaged adapter")
 
 
 def prepare_targets(signal: BehaviourSignal, cache: DeltaCache, paths: list[Path], sets: list[int], tasks: list[str],
                     batch_size: int = 8, progress: bool = True) -> Tensor:
     """Teacher targets (N, *shape) of ``paths`` on CPU: cache hits read, misses computed (split over the
-    processes of a torch.distributed run and written by rank 0), then every rank reads the cache."""
+    processes of a torch.distributed run and written by rank 0), then every rank reads the cache.
+
+    Each step that one rank can fail alone (reading or writing the cache, computing its share, a
+    teacher whose targets are not finite) ends with ``together``: a failure stops every rank at once
+    with the same one-line error, never leaving the others at a collective."""
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-    ids = adapter_ids(paths, signal.layout)
-    contexts = {s: signal.context(s) for s in sorted(set(sets))}
 
     def cached() -> dict[int, np.ndarray]:
         found = {}
@@ -151,17 +210,22 @@ def prepare_targets(signal: BehaviourSignal, cache: DeltaCache, paths: list[Path
             found.update({i: hits[ids[i]] for i in members if ids[i] in hits})
         return found
 
-    missing = torch.zeros(len(paths), dtype=torch.int64, device=signal.device)
-    if rank == 0:  # one reader decides, so every rank splits the same list
-        have = cached()
-        missing[:] = torch.tensor([i not in have for i in range(len(paths))], dtype=torch.int64)
+    missing = torch.zeros(len(paths), dtype=torch.int64, device=collective_device())
+    with together():
+        ids = adapter_ids(paths, signal.layout)
+        contexts = {s: signal.context(s) for s in sorted(set(sets))}
+        if rank == 0:  # one reader decides, so every rank splits the same list
+            have = cached()
+            missing[:] = torch.tensor([i not in have for i in range(len(paths))], dtype=torch.int64)
     if dist:
         dist.broadcast(missing, src=0)
     todo = missing.nonzero().flatten().tolist()
     if todo:
         mine = todo[rank::world]
-        rows = signal.compute_targets([paths[i] for i in mine], [sets[i] for i in mine],
-                                      progress=progress and rank == 0)
+        with together():
+            rows = signal.compute_targets([paths[i] for i in mine], [sets[i] for i in mine],
+                                          progress=progress and rank == 0)
+            _check_finite(signal, rows, [paths[i] for i in mine])
         if dist:  # gather every rank's rows, in todo's order, on every rank
             share = -(-len(todo) // world)
             padded = rows.new_zeros((share, *rows.shape[1:]))
@@ -169,18 +233,19 @@ def prepare_targets(signal: BehaviourSignal, cache: DeltaCache, paths: list[Path
             parts = [torch.empty_like(padded) for _ in range(world)]
             dist.all_gather(parts, padded)
             rows = torch.stack([parts[k % world][k // world] for k in range(len(todo))])
-        if rank == 0:
-            rows = rows.float().cpu().numpy()
-            for s, ctx in contexts.items():
-                picked = [j for j, i in enumerate(todo) if sets[i] == s]
-                if picked:
-                    cache.put_many([ids[todo[j]] for j in picked], ctx, rows[picked],
-                                   paths=[str(paths[todo[j]]) for j in picked], tasks=[tasks[todo[j]] for j in picked])
-    if dist:
-        dist.barrier()
-    found = cached()
-    lost = [i for i in range(len(paths)) if i not in found]
-    if lost:  # unreadable after rank 0 wrote it (e.g. another process repaired the cache): compute here
-        fresh = signal.compute_targets([paths[i] for i in lost], [sets[i] for i in lost]).float().cpu().numpy()
-        found.update(dict(zip(lost, fresh)))
+        with together():  # also the barrier: no rank reads before rank 0 has written
+            if rank == 0:
+                rows = rows.float().cpu().numpy()
+                for s, ctx in contexts.items():
+                    picked = [j for j, i in enumerate(todo) if sets[i] == s]
+                    if picked:
+                        cache.put_many([ids[todo[j]] for j in picked], ctx, rows[picked],
+                                       paths=[str(paths[todo[j]]) for j in picked],
+                                       tasks=[tasks[todo[j]] for j in picked])
+    with together():
+        found = cached()
+        lost = [i for i in range(len(paths)) if i not in found]
+        if lost:  # unreadable after rank 0 wrote it (e.g. another process repaired the cache): compute here
+            fresh = signal.compute_targets([paths[i] for i in lost], [sets[i] for i in lost]).float().cpu().numpy()
+            found.update(dict(zip(lost, fresh)))
     return torch.from_numpy(np.stack([found[i] for i in range(len(paths))]))

@@ -28,7 +28,7 @@ from ..delta.teacher import delta_context
 from ..delta.probes import ProbeSet, get_probe_set
 from ..lora.factors import LoraFactors
 from ..losses.delta import DeltaLoss
-from .base import BehaviourSignal, SignalError, SignalResult, barrier, rank
+from .base import BehaviourSignal, SignalError, SignalResult, rank, together
 
 TASK_PROBES = ("task", "mixed")
 
@@ -103,9 +103,9 @@ class DeltaSignal(BehaviourSignal):
         (written by rank 0) and read back, so every process subtracts the same bytes."""
         for s in sorted(set(self.sets_of(tasks))):
             ctx = self.context(s)
-            if rank() == 0 and cache.get_base_activation(ctx) is None:
-                cache.put_base_activation(ctx, self.computer.base_states(s).cpu())
-            barrier()
+            with together():  # a failure on rank 0 stops every rank, not only rank 0
+                if rank() == 0 and cache.get_base_activation(ctx) is None:
+                    cache.put_base_activation(ctx, self.computer.base_states(s).cpu())
             stored = cache.get_base_activation(ctx)
             if stored is not None:
                 self.computer.set_base_states(s, torch.from_numpy(stored))

@@ -7,7 +7,7 @@ import torch
 
 from llgbm_ext.errors import LayoutError
 from llgbm_ext.lora.layout import NAMED_LAYOUTS, LoraLayout, get_layout, layout_from_config, peft_key
-from llgbm_ext.lora.tokens import tokenize
+from llgbm_ext.lora.tokens import lora_to_tokens, tokenize, tokens_to_lora
 
 QWEN_CONFIGS = {  # the fields of the real Qwen2.5 config.json files that a layout reads
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -119,3 +119,85 @@ def test_token_order_on_a_hand_checked_example():
 def test_layout_dict_round_trip():
     for layout in NAMED_LAYOUTS.values():
         assert LoraLayout.from_dict(json.loads(json.dumps(layout.to_dict()))) == layout
+
+
+# DnD's token order for a 2-layer Qwen2-shaped model (hidden 8, intermediate 16, 2 heads and 1 KV head of
+# width 4, rank 2, chunk 4), written out by hand from the contract (§1.3: layer ascending; q, k, v, o, up,
+# gate, down; in each module the chunks of lora_A (r, in), then those of lora_Bᵀ (r, out)): (key, chunks).
+TWO_LAYER_QWEN2 = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                   "num_key_value_heads": 1, "model_type": "qwen2"}
+HAND_ORDER = [
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", 2),
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", 2),
+    ("base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight", 2),
+    ("base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight", 1),
+    ("base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight", 2),
+    ("base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight", 1),
+    ("base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight", 2),
+    ("base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight", 2),
+    ("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", 2),
+    ("base_model.model.model.layers.0.mlp.up_proj.lora_B.weight", 4),
+    ("base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight", 2),
+    ("base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight", 4),
+    ("base_model.model.model.layers.0.mlp.down_proj.lora_A.weight", 4),
+    ("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight", 2),
+    ("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight", 2),
+    ("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight", 2),
+    ("base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight", 2),
+    ("base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight", 1),
+    ("base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight", 2),
+    ("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight", 1),
+    ("base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight", 2),
+    ("base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight", 2),
+    ("base_model.model.model.layers.1.mlp.up_proj.lora_A.weight", 2),
+    ("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight", 4),
+    ("base_model.model.model.layers.1.mlp.gate_proj.lora_A.weight", 2),
+    ("base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight", 4),
+    ("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight", 4),
+    ("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight", 2),
+]
+
+
+def hand_chunk(state_dict: dict, key: str, j: int) -> torch.Tensor:
+    """Chunk j (r × 4) of a factor: columns 4j:4j+4 of lora_A, or of lora_Bᵀ."""
+    weight = state_dict[key] if ".lora_A." in key else state_dict[key].T
+    return weight[:, 4 * j : 4 * j + 4]
+
+
+def test_token_order_across_layers_matches_a_hand_written_enumeration():
+    """Tokenize and detokenize follow the hand-written order above token by token (not ``token_spans()``)."""
+    layout = layout_from_config(TWO_LAYER_QWEN2, rank=2, name="two-layer")
+    assert (layout.chunk, layout.token_size, layout.num_tokens) == (4, (4, 6), 64)
+    order = [(key, j) for key, chunks in HAND_ORDER for j in range(chunks)]
+    assert len(order) == 64
+    shapes = layout.expected_shapes()
+    assert sorted(shapes) == sorted(key for key, _ in HAND_ORDER)
+    g = torch.Generator().manual_seed(0)
+    state_dict = {key: torch.randn(shapes[key], generator=g) for key in shapes}
+    for t, (key, j) in enumerate(order):  # every chunk its own mean: a token shows where it came from
+        hand_chunk(state_dict, key, j).add_(t + 1.0)
+
+    tokens = lora_to_tokens(state_dict, layout)
+    for t, (key, j) in enumerate(order):
+        chunk = hand_chunk(state_dict, key, j)
+        assert torch.allclose(tokens[t, :2, :4], (chunk - chunk.mean()) / chunk.std(), atol=1e-4), (t, key, j)
+        assert torch.allclose(tokens[t, :, 4], 8 * chunk.mean().expand(4)), (t, key, j)  # the mean code
+
+    # decoding: token t carries data 0 and the scale code of mean t + 1, std 1; its chunk must come back as t + 1
+    marked = torch.zeros(64, 4, 6)
+    marked[:, -2:, 0::2] = marked[:, :, -2:-1] = 8.0 * torch.arange(1, 65.0)[:, None, None]
+    marked[:, -2:, 1::2] = marked[:, :, -1:] = torch.log(torch.tensor(0.9 * 1.0 + 0.1)) + 1.6
+    decoded = tokens_to_lora(marked, layout)
+    for t, (key, j) in enumerate(order):
+        assert torch.allclose(hand_chunk(decoded, key, j), torch.full((2, 4), t + 1.0)), (t, key, j)
+
+
+def test_layers_are_in_numeric_order_beyond_ten():
+    """Layer 10 follows layer 9 (numeric order), not layer 1 (the string order of sorted keys, contract §6.23)."""
+    layout = layout_from_config({**TWO_LAYER_QWEN2, "num_hidden_layers": 12}, rank=2, chunk=4, targets=("q_proj",))
+    hand_layers = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]  # each layer: 2 A-chunks and 2 Bᵀ-chunks of q_proj
+    state_dict = {key: torch.full(shape, float(key.split(".")[4]))
+                  for key, shape in layout.expected_shapes().items()}
+    state_dict = {k: v + 0.1 * torch.randn(v.shape) for k, v in state_dict.items()}  # a non-zero std
+    means = lora_to_tokens(state_dict, layout)[:, 0, -2] / 8  # the mean code of every token
+    assert torch.allclose(means.view(12, 4), torch.tensor(hand_layers, dtype=torch.float32)[:, None].expand(12, 4), atol=0.3)

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import REPO_ROOT
 from fake_teachers import write_fake_teachers
+from safetensors.torch import load_file, save_file
+
 from llgbm_ext.config import load_config
 from llgbm_ext.generator.build import build_generator
 from llgbm_ext.lora.layout import get_layout
@@ -59,7 +59,7 @@ def launch(accelerate_config: str, teachers: Path, out: Path, *extra: str) -> No
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
            "--config_file", f"configs/accelerate/{accelerate_config}", "--num_processes", "2",
            "-m", "llgbm_ext", "train", "--no-progress", f"data.teachers={teachers}", f"out_dir={out}", *RUN, *extra]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(cmd, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
@@ -102,8 +102,8 @@ def test_ddp_two_processes_match_one(teachers, single, tmp_path):
     stored = {f.name: np.load(f, allow_pickle=False) for f in cache.glob("*.npy")}
     reference = {f.name: np.load(f, allow_pickle=False) for f in (teachers / "deltas").glob("*.npy")}
     assert len(stored) == 7 and stored.keys() == reference.keys()  # base activation + 6 teachers
-    for name in stored:
-        np.testing.assert_allclose(stored[name], reference[name], rtol=1e-4, atol=1e-5)
+    for name, value in stored.items():
+        np.testing.assert_allclose(value, reference[name], rtol=1e-4, atol=1e-5)
 
 
 SLOW = pytest.mark.skipif(not os.environ.get("LLGBM_SLOW_TESTS"), reason="1-2 min on 2 cores; set LLGBM_SLOW_TESTS=1")
@@ -148,7 +148,7 @@ def teachers_on_two_processes(teachers: Path, cache: Path, port: int) -> subproc
            "--set", "base_model=tiny", "--set", "layout=tiny", "--set", "probes=generic", "--set", "dtype=float32",
            "--set", f"cache_dir={cache}", *folders]
     # generous: a hang would last until the collective timeout (30 min); a clean stop takes seconds
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_dnd_teachers_on_two_processes_fill_the_cache(teachers, tmp_path):
@@ -164,7 +164,7 @@ def test_a_diverged_teacher_on_one_rank_stops_both_ranks_with_one_line(teachers,
     finds it; both ranks end with the same one-line error naming the file, none waits at a collective."""
     bad = tmp_path / "teachers"
     shutil.copytree(teachers, bad)
-    path = sorted((bad / "data" / "fake").iterdir())[0] / "1.safetensors"
+    path = min((bad / "data" / "fake").iterdir()) / "1.safetensors"
     save_file({k: v * 1e20 for k, v in load_file(str(path)).items()}, str(path))
     done = teachers_on_two_processes(bad, tmp_path / "cache", 29532)
     assert done.returncode != 0

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, requires_dnd
+from safetensors.torch import load_file, save_file
+
 from llgbm_ext.cli.dnd import overlay
 from llgbm_ext.dnd.config import load_plugin_config
 from llgbm_ext.dnd.runner import ROOT_NAME, run_dnd_script
+from llgbm_ext.dnd.smoke import ensure_smoke_data
 
 pytestmark = requires_dnd
 
@@ -35,14 +37,17 @@ SMOKE = Path("workspace/main/tasks/llgbm_smoke/train_tinylora_Smoke.py")
 LINE = re.compile(r"step:(\d+) Loss: (\S+)(?: \| llgbm (.*))?$")
 
 
-@pytest.fixture(scope="module")
-def checkout(tmp_path_factory):
-    """A DnD checkout using dnd_repo's workspace/dnd, with the overrides laid over it."""
-    root = tmp_path_factory.mktemp("dnd") / "checkout"
+def make_checkout(root: Path) -> Path:
+    """A DnD checkout at ``root`` using dnd_repo's workspace/dnd, with the overrides laid over it."""
     (root / "workspace").mkdir(parents=True)
     (root / "workspace" / "dnd").symlink_to(DND / "workspace" / "dnd", target_is_directory=True)
     overlay(REPO_ROOT / "workspace_overrides", root)
     return root
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    return make_checkout(tmp_path_factory.mktemp("dnd") / "checkout")
 
 
 @pytest.fixture
@@ -187,21 +192,37 @@ def test_without_hooks_training_is_upstream_bit_for_bit(smoke_env, tmp_path, cap
         torch.testing.assert_close(hooked_state[key], plain_state[key], rtol=1e-4, atol=1e-5)
 
 
-def test_two_processes_with_fork_workers(checkout, tmp_path):
+def smoke_on_two_processes(root: Path, cache: Path, port: int) -> subprocess.CompletedProcess:
     """torchrun with 2 CPU processes (gloo, DDP), as accelerate's multi-process launcher starts them;
-    ACCELERATE_USE_CPU is what `accelerate launch --cpu` sets. Rank 0 alone fills the DeltaCache and
-    prints DnD's log lines."""
+    ACCELERATE_USE_CPU is what `accelerate launch --cpu` sets."""
     env = {**os.environ, "LLGBM_SMOKE_STEPS": "2", "LLGBM_SMOKE_WORKERS": "1", "OMP_NUM_THREADS": "1",
-           "ACCELERATE_USE_CPU": "1",
-           "LLGBM_CACHE": str(tmp_path / "cache")}
+           "ACCELERATE_USE_CPU": "1", "LLGBM_CACHE": str(cache)}
     env.pop("NUM_PROCESSES", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                "-m", "llgbm_ext.dnd.runner", "--llgbm-config", "../llgbm/configs/smoke.yaml",
                f"tasks/llgbm_smoke/{SMOKE.name}"]
-    done = subprocess.run(command, cwd=checkout / "workspace" / "main", env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(command, check=False, cwd=root / "workspace" / "main", env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_two_processes_with_fork_workers(checkout, tmp_path):
+    """Rank 0 alone fills the DeltaCache and prints DnD's log lines."""
+    done = smoke_on_two_processes(checkout, tmp_path / "cache", 29517)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = logged_steps(done.stdout)
     assert [s[0] for s in steps] == [0, 1, 2] and all("L_delta" in s[2] for s in steps)
     manifest = (tmp_path / "cache" / "delta_cache" / "manifest.json").read_text()
     assert manifest.count('"adapter_id"') == 12  # 2 training tasks x 6 steps, computed once by rank 0
+
+
+def test_two_processes_stop_together_on_a_diverged_teacher(tmp_path):
+    """One training checkpoint's weights overflow, so its Δ is not finite: whichever rank computes it,
+    both ranks end with the same one-line error naming the file (none waits at a collective)."""
+    root = make_checkout(tmp_path / "checkout")
+    bad = ensure_smoke_data(root) / "checkpoints" / "add" / "3.safetensors"
+    save_file({k: v * 1e20 for k, v in load_file(str(bad)).items()}, str(bad))
+    done = smoke_on_two_processes(root, tmp_path / "cache", 29518)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("llgbm_ext.dnd.runner: error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], done.stderr[-3000:]
+    assert "checkpoints/add/3.safetensors: its delta teacher targets are not finite" in errors[0]

@@ -1,7 +1,7 @@
 """``llgbm dnd``: set up a DnD checkout for the plugin.
 
     llgbm dnd overlay --dnd-root DIR          lay workspace_overrides/ over DIR/workspace/
-    llgbm dnd teachers --dnd-root DIR --config FILE.yaml FOLDER...
+    llgbm dnd teachers --dnd-root DIR --config FILE.yaml [--script SCRIPT.py] FOLDER...
                                               fill the DeltaCache with the teacher targets of FOLDER/*.safetensors
 
 ``overlay`` copies the LLGBM configs, probe sets and the CPU smoke task into DnD's ``workspace/``
@@ -42,6 +42,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     t.add_argument("--dnd-root", required=True, metavar="DIR", help="root of the DnD checkout (relative config paths)")
     t.add_argument("--config", metavar="FILE.yaml", help="the plugin config used for training")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    t.add_argument("--script", metavar="SCRIPT.py", help="the DnD training script: the layout of its tokenizer "
+                   "(layout: auto), or checked against the config's (default: layout auto = the base model's)")
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: this process's GPU if any)")
     t.add_argument("folders", nargs="+", metavar="FOLDER", help="DnD checkpoint folders (<step>.safetensors files)")
     t.set_defaults(func=run_teachers)
@@ -90,14 +92,16 @@ def run_teachers(args) -> int:
 
     from ..dnd.config import load_plugin_config
     from ..dnd.loss import BehaviourTerm
+    from ..dnd.script import resolve_layout
     from ..lora.adapters import list_adapters
 
-    config = load_plugin_config(args.config, args.set)
+    root = Path(args.dnd_root).resolve()
+    config = resolve_layout(load_plugin_config(args.config, args.set), args.script, root, required=True)
     requested = None if args.device == "auto" else torch.device(args.device)
     state = PartialState(cpu=requested is not None and requested.type == "cpu")  # joins a torchrun launch's processes
     device = requested if requested is not None else state.device
     files = [str(path) for folder in args.folders for path in list_adapters(folder)]
-    term = BehaviourTerm.build(config, Path(args.dnd_root).resolve(), files, device)
+    term = BehaviourTerm.build(config, root, files, device)
     count = len(term.teachers.index_of)
     if state.is_main_process:
         print(f"llgbm dnd teachers: targets of {', '.join(term.signals)} for {count} distinct teacher(s) of "

@@ -9,7 +9,8 @@
   loss.py      loss hook: captures the HyperConv prediction, adds the delta term
   teachers.py  teacher deltas from the DeltaCache, computed once on rank 0
   metrics.py   trainer hook: the loss terms in DnD's wandb / print log
-  runner.py    the entry point: installs the hooks, runs the script unchanged (run_dnd_script)
+  script.py    the layout a DnD script declares (tokenizer, token size), read before it runs
+  runner.py    the entry point: checks the config against the script, installs the hooks, runs it unchanged
   smoke.py     data of the CPU smoke task (workspace_overrides/main/tasks/llgbm_smoke)
 """
 

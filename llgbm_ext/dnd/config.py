@@ -10,7 +10,7 @@ DnD's scripts ``chdir`` to, so the same file works from any working directory; o
     lambda_delta: 0.1           # λ of the delta signal; 0 with no other signal turns the term off
     signals: [delta]            # behaviour signals: delta and/or kl (llgbm_ext.signals)
     base_model: ./models/Qwen2.5-0.5B-Instruct
-    layout: qwen2.5-0.5b
+    layout: auto                # the DnD script's (its tokenizer), else the base model's
     probes: ./workspace/llgbm/probes/commonsense.json   # or task / mixed (needs train_inputs)
     train_inputs: ./workspace/llgbm/inputs              # <Dataset>.json training inputs (task probes, kl)
     delta_every: 1
@@ -43,7 +43,9 @@ class DnDPluginConfig:
         delta_rows: batch rows per step that get a delta term (the first ones; DnD shuffles); 0 = all.
         base_model: the frozen base model the generated LoRAs are applied to ('tiny', a directory or a
             cached hub id); DnD keeps its models in ``./models/``.
-        layout: LoRA/token layout of the generator's output (a named layout or a model directory).
+        layout: LoRA/token layout of the generator's output: ``auto`` (the layout of the DnD script's
+            tokenizer, else the base model's), a named layout or a model directory. The runner refuses
+            one that disagrees with the script's tokenizer, ``token_size`` or generator output.
         probes: probe set, a built-in name (``generic``, ``domain:commonsense`` ...), a JSON file, or
             ``task`` / ``mixed`` (each data set's own / every data set's training inputs).
         probes_per_task, reduce: training inputs per data set of task probes; ``mean`` | ``none`` (per probe).
@@ -64,7 +66,7 @@ class DnDPluginConfig:
     delta_every: int = 1
     delta_rows: int = 0
     base_model: str = "./models/Qwen2.5-0.5B-Instruct"
-    layout: str = "qwen2.5-0.5b"
+    layout: str = "auto"
     probes: str = "domain:commonsense"
     probes_per_task: int = 8
     reduce: str = "mean"

@@ -5,7 +5,9 @@
 This is what ``launch_multi.sh ... --llgbm`` (``patches/``) and ``scripts/launch_llgbm.sh`` start under
 ``accelerate launch``, once per process. It runs the script as Python would run it as a file: with
 ``runpy``, ``__name__ == "__main__"``, an absolute ``__file__``, ``sys.argv = [SCRIPT, ARGS...]`` and the
-script's folder first on ``sys.path``; the hooks are installed first and removed afterwards.
+script's folder first on ``sys.path``; the hooks are installed first and removed afterwards. Before
+anything of the script runs, the plugin config's layout is taken from the script (``layout: auto``) or
+checked against it (``script.py``), and against the base model.
 
 Two DnD launch requirements are met here, for runs through this entry point only:
 
@@ -27,8 +29,8 @@ import runpy
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from ..delta.probes import get_probe_set
 from ..errors import LLGBMError
@@ -36,6 +38,7 @@ from ..lora.layout import get_layout, layout_from_config
 from ..models.registry import resolve_base_model
 from .config import DnDPluginConfig, load_plugin_config, under_root
 from .hooks import PluginSession, installed_hooks
+from .script import resolve_layout
 
 ROOT_NAME = "Drag-and-Drop-LLMs"
 
@@ -86,11 +89,13 @@ def script_process_state(script: Path, args: Sequence[str], root: Path) -> Itera
             os.environ.pop("NUM_PROCESSES", None)
 
 
-def check_config(config: DnDPluginConfig, root: Path) -> None:
-    """Fail before DnD's long setup if the layout, base model or probe set cannot be found or disagree."""
-    layout = get_layout(under_root(config.layout, root))
+def check_config(config: DnDPluginConfig, script: Path, root: Path) -> DnDPluginConfig:
+    """``config`` with its layout resolved against the script (``script.resolve_layout``); fails before
+    DnD's long set-up if the layout, base model or probe set cannot be found or disagree."""
+    config = resolve_layout(config, script, root)
     if not config.uses_delta:
-        return
+        return config
+    layout = get_layout(under_root(config.layout, root))
     model_dir = resolve_base_model(under_root(config.base_model, root))
     base = layout_from_config(model_dir)
     geometry = ("num_layers", "hidden_size", "intermediate_size", "kv_size", "q_size")
@@ -100,6 +105,7 @@ def check_config(config: DnDPluginConfig, root: Path) -> None:
             + ", ".join(f"{g} {getattr(layout, g)} vs {getattr(base, g)}" for g in geometry if getattr(base, g) != getattr(layout, g))
         )
     get_probe_set(under_root(config.probes, root))
+    return config
 
 
 def run_dnd_script(
@@ -117,7 +123,7 @@ def run_dnd_script(
     root = find_dnd_root(script)
     config = config if config is not None else DnDPluginConfig()
     if hooks:
-        check_config(config, root)
+        config = check_config(config, script, root)
     with dnd_named_path(script, root) as path:
         named_root = path.parents[len(script.relative_to(root).parts) - 1]
         with script_process_state(path, args, named_root):

@@ -1,0 +1,159 @@
+"""Plugin hardening: the layout comes from the DnD script, row fingerprints, the environment check.
+
+These tests need no DnD checkout: scripts are written like DnD's (same imports and config keys) into a
+temporary folder. The comparisons with DnD's own scripts are at the end and skip without dnd_repo/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, requires_dnd
+
+from llgbm_ext.dnd.config import DnDPluginConfig, load_plugin_config
+from llgbm_ext.dnd.runner import RunnerError
+from llgbm_ext.dnd.runner import main as runner_main
+from llgbm_ext.dnd.script import ScriptError, ScriptLayout, resolve_layout
+from llgbm_ext.models.registry import resolve_base_model
+
+DND = REPO_ROOT / "dnd_repo"
+
+# a marker that shows whether the script started, then the parts of a DnD task script that fix the
+# generator's tokens (contract §2.1)
+SCRIPT = '''import os
+open(os.environ["LLGBM_TEST_MARKER"], "w").close()
+if os.environ.get("LLGBM_TEST_DND"):
+    from workspace.dnd.tokenizer import {tokenizer} as Tokenizer
+config = {{
+    "token_size": {token_size},
+    "model_config": {{"features": [(32, 1000, 384), (2048, 32, 256), {output}], "kernel_size": 11}},
+}}
+'''
+MATH_1_5B = {"tokenizer": "Qwen2515LoRA_Tokenizer2D", "token_size": "(18, 258)", "output": "(4508, 18, 258)"}
+ARC_0_5B = {"tokenizer": "Qwen2505LoRA_Tokenizer2D", "token_size": "(10, 130)", "output": "(4296, 10, 130)"}
+
+
+def dnd_script(tmp_path: Path, name: str = "train_qwen1.5lora_Math.py", **declared) -> Path:
+    """A script in a checkout whose folder is not named Drag-and-Drop-LLMs (the runner links one)."""
+    root = tmp_path / "checkout"
+    (root / "workspace" / "dnd").mkdir(parents=True, exist_ok=True)
+    script = root / "workspace" / "main" / "tasks" / "family" / name
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(SCRIPT.format(**{**MATH_1_5B, **declared}))
+    return script
+
+
+@pytest.fixture
+def marker(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "script-ran"
+    monkeypatch.setenv("LLGBM_TEST_MARKER", str(path))
+    return path
+
+
+# --- the layout follows the script ---------------------------------------------------------------------
+
+def test_script_layout_is_read_without_running_it(tmp_path, marker):
+    declared = ScriptLayout.read(dnd_script(tmp_path))
+    assert declared == ScriptLayout("Qwen2515LoRA_Tokenizer2D", (18, 258), (4508, 18, 258))
+    assert declared.layout_name == "qwen2.5-1.5b" and not marker.exists()
+    custom = dnd_script(tmp_path, "train_x_Y.py", tokenizer="MyTokenizer", token_size="TINY.token_size",
+                        output="(n, 10, 66)")
+    assert ScriptLayout.read(custom) == ScriptLayout()  # not DnD's tokenizer, no literals: nothing declared
+    broken = custom.with_name("train_broken.py")
+    broken.write_text("config = {\n")
+    with pytest.raises(ScriptError, match="train_broken.py: cannot read it as a Python script"):
+        ScriptLayout.read(broken)
+
+
+def test_layout_auto_is_the_script_tokenizers_else_the_base_models(tmp_path):
+    math, arc = dnd_script(tmp_path), dnd_script(tmp_path, "train_qwen0.5lora_ARC-e.py", **ARC_0_5B)
+    root = math.parents[3]
+    weight_only = DnDPluginConfig(lambda_delta=0)
+    assert weight_only.layout == "auto"  # the default
+    assert resolve_layout(weight_only, math, root).layout == "qwen2.5-1.5b"
+    assert resolve_layout(weight_only, arc, root).layout == "qwen2.5-0.5b"
+    plain = dnd_script(tmp_path, "train_x_Y.py", tokenizer="MyTokenizer", token_size="size", output="shape")
+    assert resolve_layout(weight_only, plain, root).layout == "auto"  # nothing needs it
+    behaviour = DnDPluginConfig(base_model="tiny", lambda_delta=0.1)
+    assert resolve_layout(behaviour, plain, root).layout == str(resolve_base_model("tiny"))
+    assert resolve_layout(DnDPluginConfig(lambda_delta=0, layout="qwen2.5-1.5b"), math, root).layout == "qwen2.5-1.5b"
+
+
+@pytest.mark.parametrize("setting, conflict", [
+    ("layout=qwen2.5-0.5b", ("its tokenizer Qwen2515LoRA_Tokenizer2D tokenizes qwen2.5-1.5b LoRAs; "
+                             "token_size (18, 258); generator output (4508, 18, 258), but the plugin config's "
+                             "layout 'qwen2.5-0.5b' makes 4296 tokens of (10, 130)")),
+    ("layout=qwen2.5-7b", "its tokenizer Qwen2515LoRA_Tokenizer2D tokenizes qwen2.5-1.5b LoRAs"),
+])
+def test_a_config_that_disagrees_with_the_script_is_refused_before_it_runs(tmp_path, marker, capsys, setting,
+                                                                            conflict):
+    script = dnd_script(tmp_path)
+    assert runner_main(["--set", "lambda_delta=0", "--set", setting, str(script)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"llgbm_ext.dnd.runner: error: {script}: {conflict}")
+    assert not marker.exists()
+
+
+def test_only_the_generator_output_can_disagree(tmp_path, marker, capsys):
+    script = dnd_script(tmp_path, tokenizer="MyTokenizer", token_size="(18, 258)", output="(4096, 18, 258)")
+    assert runner_main(["--set", "lambda_delta=0", "--set", "layout=qwen2.5-1.5b", str(script)]) == 2
+    assert "generator output (4096, 18, 258), but the plugin config's layout 'qwen2.5-1.5b' makes 4508 tokens" in \
+        capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_the_script_layout_must_fit_the_base_model_before_it_runs(tmp_path, marker):
+    """The issue's case: a 1.5B script with a config that does not name a 1.5B base model."""
+    with pytest.raises(RunnerError, match="layout 'qwen2.5-1.5b' does not fit base model"):
+        from llgbm_ext.dnd.runner import run_dnd_script
+
+        run_dnd_script(dnd_script(tmp_path), [], DnDPluginConfig(base_model="tiny"))
+    assert not marker.exists()
+
+
+def test_a_matching_config_runs_the_script(tmp_path, marker, monkeypatch):
+    script = dnd_script(tmp_path)
+    monkeypatch.delenv("NUM_PROCESSES", raising=False)
+    # only the trainer hook, which needs no DnD classes: the fake checkout has none
+    assert runner_main(["--set", "lambda_delta=0", "--set", "hooks=[log_terms]", str(script)]) == 0
+    assert marker.exists()
+
+
+# --- against DnD's own scripts ---------------------------------------------------------------------------
+
+SHIPPED = {  # plugin config -> the DnD script it is meant for
+    "common_sense_reasoning.yaml": "tasks/common_sense_reasoning/train_qwen0.5lora_ARC-e.py",
+    "math1.5B.yaml": "tasks/math/train_qwen1.5lora_Math.py",
+    "coding1.5B.yaml": "tasks/coding/train_qwen1.5lora_Coding.py",
+}
+
+
+@requires_dnd
+def test_dnd_scripts_declare_the_layouts_of_their_tokenizers():
+    main = DND / "workspace" / "main"
+    for script in sorted(main.rglob("*.py")):  # every script parses
+        ScriptLayout.read(script)
+    scripts = {p.name: p for p in sorted((main / "tasks").rglob("train_*.py"))}
+    tasks = {name: ScriptLayout.read(p) for name, p in scripts.items()}
+    assert tasks["train_qwen1.5lora_Math.py"] == tasks["train_qwen1.5lora_Coding.py"] == \
+        ScriptLayout("Qwen2515LoRA_Tokenizer2D", (18, 258), (4508, 18, 258))
+    assert tasks["train_qwen7lora_Math.py"].output == (4928, 18, 514)
+    for name, declared in tasks.items():
+        if declared.layout_name:
+            assert resolve_layout(DnDPluginConfig(lambda_delta=0), scripts[name], DND).layout == \
+                declared.layout_name
+    for config, script in SHIPPED.items():
+        cfg = load_plugin_config(REPO_ROOT / "workspace_overrides" / "llgbm" / "configs" / config)
+        assert resolve_layout(cfg, main / script, DND).layout == cfg.layout  # checked against the script
+
+
+@requires_dnd
+def test_dnd_math_script_with_the_commonsense_config_is_refused_before_dnd_setup(tmp_path):
+    """Without the check, DnD's script would start its set-up (chdir, config.json, bitsandbytes)."""
+    config = load_plugin_config(REPO_ROOT / "workspace_overrides" / "llgbm" / "configs" /
+                                "common_sense_reasoning.yaml", ["lambda_delta=0"])
+    from llgbm_ext.dnd.runner import run_dnd_script
+
+    with pytest.raises(ScriptError, match="train_qwen1.5lora_Math.py: its tokenizer Qwen2515LoRA_Tokenizer2D"):
+        run_dnd_script(DND / "workspace" / "main" / "tasks" / "math" / "train_qwen1.5lora_Math.py", [], config)

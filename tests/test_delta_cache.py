@@ -102,30 +102,93 @@ def _write_model_dir(path, tensors):
 
 
 def test_model_fingerprint_of_directories(tmp_path):
-    # 9 MiB of weights: above the size at which files are sampled instead of hashed whole
-    tensors = {"embed.weight": torch.randn(1500, 1536), "norm.weight": torch.ones(1536)}
+    tensors = {"embed.weight": torch.randn(700, 1536), "norm.weight": torch.ones(1536)}  # 4 MiB: several reads
     _write_model_dir(tmp_path / "base", tensors)
+    (tmp_path / "base" / "config.json").write_text('{"hidden_size": 1536}')
     shutil.copytree(tmp_path / "base", tmp_path / "copy")
     fp = model_fingerprint(tmp_path / "base")
+    assert re.fullmatch(r"[0-9a-f]{20}", fp)
     assert fp == model_fingerprint(str(tmp_path / "copy"))  # content, not location
-    assert fp != model_fingerprint(tmp_path / "base", full=True)
 
     _write_model_dir(tmp_path / "finetuned", {**tensors, "embed.weight": tensors["embed.weight"] * 1.01})
     assert model_fingerprint(tmp_path / "finetuned") != fp
     _write_model_dir(tmp_path / "half", {k: v.bfloat16() for k, v in tensors.items()})
     assert model_fingerprint(tmp_path / "half") != fp
+    for i, position in enumerate((0, 350 * 1536 + 5, 700 * 1536 - 1)):  # one element, anywhere
+        edited = tensors["embed.weight"].clone()
+        edited.view(-1)[position] += 1e-3
+        _write_model_dir(tmp_path / f"edited{i}", {**tensors, "embed.weight": edited})
+        shutil.copy(tmp_path / "base" / "config.json", tmp_path / f"edited{i}")
+        assert model_fingerprint(tmp_path / f"edited{i}") != fp
 
-    edited = tensors["embed.weight"].clone()
-    edited[777, 5] += 1.0
-    _write_model_dir(tmp_path / "edited", {**tensors, "embed.weight": edited})
-    assert model_fingerprint(tmp_path / "edited", full=True) != model_fingerprint(tmp_path / "base", full=True)
+    # the files that shape activations count (config, tokenizer, chat template), others do not
+    (tmp_path / "copy" / "config.json").write_text('{"hidden_size": 1536, "rms_norm_eps": 1e-5}')
+    assert model_fingerprint(tmp_path / "copy") != fp
+    shutil.copy(tmp_path / "base" / "config.json", tmp_path / "copy")
+    (tmp_path / "copy" / "generation_config.json").write_text('{"temperature": 0.5}')
+    (tmp_path / "copy" / "README.md").write_text("notes")
+    assert model_fingerprint(tmp_path / "copy") == fp
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.txt", "spiece.model"):
+        (tmp_path / "copy" / name).write_text("{}")
+        changed = model_fingerprint(tmp_path / "copy")
+        assert changed != fp, name
+        (tmp_path / "copy" / name).write_text("{ }")
+        assert model_fingerprint(tmp_path / "copy") != changed, name
+        (tmp_path / "copy" / name).unlink()
+    assert model_fingerprint(tmp_path / "copy") == fp
+    # one safetensors file: its bytes alone
+    single = tmp_path / "base" / "model-00001-of-00002.safetensors"
+    assert model_fingerprint(single) == model_fingerprint(tmp_path / "copy" / single.name) != fp
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no \\*.safetensors"):
         model_fingerprint(tmp_path / "empty")
     (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 12)
-    with pytest.raises(ModelError, match="broken.safetensors"):
+    with pytest.raises(ModelError, match="broken.safetensors: not a readable safetensors file"):
         model_fingerprint(tmp_path / "broken.safetensors")
+    (tmp_path / "dangling").mkdir()
+    (tmp_path / "dangling" / "model.safetensors").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ModelError, match="model.safetensors: cannot read it"):
+        model_fingerprint(tmp_path / "dangling")
+
+
+def _count_reads(monkeypatch) -> list[int]:
+    """A fresh memo (as in a new process) and a list that counts the files model_fingerprint reads."""
+    from llgbm_ext.delta import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_FILE_DIGESTS", {})
+    reads, read = [0], cache_module._read_digest
+
+    def counted(f):
+        reads[0] += 1
+        return read(f)
+
+    monkeypatch.setattr(cache_module, "_read_digest", counted)
+    return reads
+
+
+def test_model_fingerprint_reads_a_file_once_per_process_and_every_byte_in_a_new_one(tmp_path, monkeypatch):
+    from model_edits import change_weight_in_place
+
+    tensors = {"embed.weight": torch.randn(300, 256), "norm.weight": torch.ones(256)}
+    _write_model_dir(tmp_path / "m", tensors)
+    (tmp_path / "m" / "config.json").write_text("{}")
+    reads = _count_reads(monkeypatch)
+    fp = model_fingerprint(tmp_path / "m")
+    assert reads[0] == 3
+    assert model_fingerprint(tmp_path / "m") == fp and reads[0] == 3  # nothing read again
+    shard = tmp_path / "m" / "model-00001-of-00002.safetensors"  # embed.weight
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: read again, same bytes
+    assert model_fingerprint(tmp_path / "m") == fp and reads[0] == 4
+    shutil.copy2(shard, tmp_path / "new")
+    os.replace(tmp_path / "new", shard)  # a copy renamed into place (another inode): read again
+    assert model_fingerprint(tmp_path / "m") == fp and reads[0] == 5
+
+    # one float changed in place, size, inode and mtime kept: a new process reads every byte and sees it
+    change_weight_in_place(shard, "embed.weight", 150 * 256 + 77, 1e-3)
+    reads = _count_reads(monkeypatch)
+    assert model_fingerprint(tmp_path / "m") != fp and reads[0] == 3
 
 
 def test_model_fingerprint_of_modules_and_state_dicts():
@@ -134,9 +197,60 @@ def test_model_fingerprint_of_modules_and_state_dicts():
     assert fp == model_fingerprint(model.state_dict())
     assert fp == model_fingerprint({k: v.clone() for k, v in model.state_dict().items()})
     with torch.no_grad():
-        model[0].weight.mul_(1.01)
+        model[0].weight[17, 3] += 1e-3  # one element of 4096: every one is hashed
     assert model_fingerprint(model) != fp
     assert model_fingerprint(model.bfloat16()) != model_fingerprint(model.float())
+
+
+def test_base_model_changed_in_place_is_a_miss_and_served_fresh(tmp_path, no_warnings):
+    """One float of a deep layer changed in place (size, inode and mtime kept): in a new process the cache
+    misses and serves the Δ of the changed model, equal to a fresh computation."""
+    from model_edits import change_weight_in_place
+
+    from llgbm_ext.delta import cache as cache_module
+    from llgbm_ext.delta.deltas import DeltaComputer
+    from llgbm_ext.delta.probes import get_probe_set
+    from llgbm_ext.delta.teacher import (
+        adapter_ids,
+        cached_teacher_deltas,
+        delta_context,
+    )
+    from llgbm_ext.lora.adapters import save_peft_adapter
+    from llgbm_ext.lora.factors import random_factors, state_dict_from_factors
+    from llgbm_ext.lora.layout import get_layout
+    from llgbm_ext.models.registry import load_base_model, resolve_base_model
+
+    base = tmp_path / "tiny"
+    shutil.copytree(resolve_base_model("tiny"), base)  # never the shipped directory itself
+    layout, g = get_layout("tiny"), torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"adapter{i}")
+        state = state_dict_from_factors(random_factors(layout, generator=g, std=0.05), layout)
+        save_peft_adapter(state, paths[-1], layout, base_model_name_or_path="tiny")
+    cache, ids = DeltaCache(tmp_path / "cache"), adapter_ids(paths, layout)
+
+    def run() -> tuple[DeltaComputer, DeltaContext, list[str], torch.Tensor]:
+        """What a new process does: load the base, build its context, ask the cache (misses, then Δ)."""
+        cache_module._FILE_DIGESTS.clear()
+        model, tokenizer = load_base_model(base)
+        computer = DeltaComputer(model, tokenizer, layout, get_probe_set("generic"))
+        ctx = delta_context(computer, "tiny", base)
+        missing = cache.missing(ids, ctx)
+        return computer, ctx, missing, cached_teacher_deltas(computer, cache, ctx, paths, progress=False)
+
+    _, before_ctx, missing, before = run()
+    assert missing == ids
+    _, ctx, missing, again = run()
+    assert ctx == before_ctx and missing == [] and torch.equal(again, before)  # unchanged: a hit
+    # element 104 lies between the 4 KiB blocks that a sampled fingerprint (as this cache once had) read
+    change_weight_in_place(base / "model.safetensors", "model.layers.3.mlp.down_proj.weight", 104, 1.0)
+    computer, ctx, missing, served = run()
+    assert ctx != before_ctx and missing == ids
+    fresh = computer.teacher_deltas(paths, progress=False)
+    assert (fresh - before).abs().max() > 1e-2  # the change matters, so a stale hit would be caught
+    torch.testing.assert_close(served, fresh, rtol=0, atol=1e-6)
+    assert len(cache.entries(ctx)) == len(paths) and len(cache.entries(before_ctx)) == len(paths)
 
 
 # --- round trip and layout ---------------------------------------------------------------------

@@ -3,6 +3,7 @@ the teacher itself, per-probe targets equal to a one-adapter-at-a-time reference
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -140,3 +141,39 @@ def test_train_refuses_kl_without_training_inputs_in_one_line(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("llgbm")]  # besides progress bars
     assert code == 2 and len(lines) == 1 and "'add_1' has no training inputs recorded" in lines[0]
     assert str(root / "manifest.json") in lines[0] and "Traceback" not in err
+
+
+def test_kl_teacher_logits_of_a_base_changed_in_place_are_recomputed(teachers, tmp_path):
+    """The KL signal's cached teacher logits follow the base model's bytes: one float of a deep layer changed
+    in place (size, inode and mtime kept) is a miss in a new process, and the served logits are fresh."""
+    from model_edits import change_weight_in_place
+
+    from llgbm_ext.delta import cache as cache_module
+    from llgbm_ext.delta.teacher import adapter_ids
+    from llgbm_ext.models.registry import load_base_model, resolve_base_model
+
+    base = tmp_path / "tiny"
+    shutil.copytree(resolve_base_model("tiny"), base)  # never the shipped directory itself
+    entries = [e for e in teachers.entries if e.task == "add_1"]
+    paths, ids = [e.path for e in entries], adapter_ids([e.path for e in entries], teachers.layout)
+    cache = DeltaCache(tmp_path / "cache")
+
+    def run():
+        """What a new process does: load the base, build the signal, ask the cache (misses, then targets)."""
+        cache_module._FILE_DIGESTS.clear()
+        model, tokenizer = load_base_model(base)
+        signal = KLSignal(model, tokenizer, teachers, ["add_1"], examples=4, per_step=2, top_k=8, max_length=32,
+                          base_model="tiny", model_dir=base)
+        missing = cache.missing(ids, signal.context(0))
+        return signal, missing, signal.prepare(paths, ["add_1"] * len(paths), cache, progress=False)
+
+    first, missing, before = run()
+    assert missing == ids
+    _, missing, again = run()
+    assert missing == [] and torch.equal(again, before)  # unchanged: a hit
+    change_weight_in_place(base / "model.safetensors", "model.layers.3.mlp.down_proj.weight", 104, 1.0)
+    signal, missing, served = run()
+    assert signal.context(0) != first.context(0) and missing == ids
+    fresh = signal.compute_targets(paths, [0] * len(paths))
+    assert (fresh - before).abs().max() > 1e-2  # the change matters, so a stale hit would be caught
+    torch.testing.assert_close(served, fresh, rtol=0, atol=1e-6)

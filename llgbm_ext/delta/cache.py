@@ -2,8 +2,8 @@
 content and context.
 
 A teacher delta Δ = v(adapter) − v(base) depends on the adapter's tensors and on a *context*: the base
-model's weights, the probe set and the delta settings (layer, dtype, chat template, max length,
-padding ...). A lookup is ``(adapter_id, context) -> array``: a changed base, probe set or setting is a
+model (weights, config, tokenizer), the probe set and the delta settings (layer, dtype, chat template,
+max length, padding ...). A lookup is ``(adapter_id, context) -> array``: a changed base, probe set or setting is a
 miss, never a wrong hit.
 
 Shapes: every array of a context (its adapter entries and its base activation) is float32 of the
@@ -23,9 +23,15 @@ Layout: LLGBM's file names, so a single-context cache looks like LLGBM's ``delta
 The primary context is the first one written to the directory (fixed in its manifest). It keeps the
 plain names; every later context adds its id to the same names, so one directory, manifest and lock
 serve any number of base models and probe sets. Arrays are written with ``np.save`` and read with
-``allow_pickle=False``. The manifest records, per context, the base model (name and weight
-fingerprint), the probe hash, the settings and the shape; per array, its context, shape, norm and
-checksum, plus the adapter's path and task for people (never used for matching).
+``allow_pickle=False``. The manifest records, per context, the base model (name and fingerprint),
+the probe hash, the settings and the shape; per array, its context, shape, norm and checksum, plus
+the adapter's path and task for people (never used for matching).
+
+Base model: ``model_fingerprint`` of its directory hashes every byte of its weights and of its config,
+tokenizer and chat-template files, so a model changed in place (same path, size and mtime) is another
+context, in any process. Within one process a file is hashed once while its (inode, size, mtime,
+ctime) stay the same. Contexts written when the fingerprint sampled 4 KiB blocks of the weights are
+never matched again (their ids differ); their entries are misses, recomputed under the new context.
 
 Format history: ``llgbm_ext.delta_cache/1`` stored one mean delta (H,) per adapter and recorded a
 ``hidden_size`` per context. ``llgbm_ext.delta_cache/2`` records a ``shape`` per context instead, so it
@@ -55,14 +61,14 @@ import fcntl
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import struct
 import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -77,9 +83,12 @@ BASE_ACTIVATION = "base_activation"
 LOCK = ".lock"
 ID_CHARS = 20  # hex digits of sha256 kept in adapter ids and fingerprints (80 bits)
 CONTEXT_CHARS = 16  # hex digits of sha256 kept in context ids
-SAMPLE_ELEMENTS = 1024  # evenly spaced elements per tensor hashed by model_fingerprint(module or state dict)
-SAMPLE_BLOCKS = 1024  # evenly spaced 4 KiB blocks per safetensors file hashed by model_fingerprint(directory)
-_BLOCK = 4096
+# files of a model directory that model_fingerprint hashes besides its *.safetensors weights (not, e.g.,
+# generation_config.json or a README, which do not change activations)
+CONFIG_PATTERNS = ("config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                   "*.model", "chat_template.*", "*.safetensors.index.json")
+_CHUNK = 1 << 20  # bytes per read when model_fingerprint hashes a file
+_FILE_DIGESTS: dict[str, tuple[tuple[int, ...], bytes]] = {}  # real path -> (stat key, sha256); this process only
 _ADAPTER_ID = re.compile(r"[0-9a-f]{8,64}")
 _STEM = re.compile(r"(base_activation|[0-9a-f]{8,64})(\.[0-9a-f]{16})?")
 
@@ -105,18 +114,13 @@ def _raw_bytes(name: str, value: torch.Tensor | np.ndarray) -> tuple[str, np.nda
     return a.dtype.name, a.reshape(-1).view(np.uint8)
 
 
-def _hash_tensors(state_dict: Mapping[str, torch.Tensor | np.ndarray], sample: int | None) -> str:
-    """sha256 of names, dtypes, shapes and bytes in sorted key order; ``sample``: elements kept per tensor."""
+def _hash_tensors(state_dict: Mapping[str, torch.Tensor | np.ndarray]) -> str:
+    """sha256 of names, dtypes, shapes and every byte of the tensors, in sorted key order."""
     h = hashlib.sha256()
     for key in sorted(state_dict):
         value = state_dict[key]
-        shape, n = tuple(value.shape), math.prod(value.shape)
-        if sample is not None and n > sample:  # gathered where the tensor lives: only the sample is copied
-            picks = np.arange(sample) * (n - 1) // (sample - 1)
-            flat = value.reshape(-1)
-            value = flat[torch.from_numpy(picks).to(flat.device)] if isinstance(flat, torch.Tensor) else flat[picks]
         dtype, raw = _raw_bytes(key, value)
-        h.update(json.dumps([key, dtype, list(shape)]).encode())  # fixes the length of the bytes that follow
+        h.update(json.dumps([key, dtype, list(value.shape)]).encode())  # fixes the length of the bytes that follow
         h.update(raw)
     return h.hexdigest()[:ID_CHARS]
 
@@ -131,64 +135,90 @@ def adapter_id(state_dict: Mapping[str, torch.Tensor | np.ndarray], scaling: flo
     """
     if not state_dict:
         raise CacheError("adapter_id: empty state dict")
-    tensors = _hash_tensors(state_dict, sample=None)
+    tensors = _hash_tensors(state_dict)
     if scaling is None:
         return tensors
     return hashlib.sha256(f"{tensors} scaling={float(scaling)!r}".encode()).hexdigest()[:ID_CHARS]
 
 
-def _block_spans(size: int, full: bool) -> list[tuple[int, int]]:
-    """(offset, length) of the data blocks of a file region that a fingerprint hashes."""
-    if full or size <= SAMPLE_BLOCKS * _BLOCK:
-        step = 1 << 24 if full else _BLOCK
-        return [(offset, step) for offset in range(0, size, step)]
-    return [(i * (size - _BLOCK) // (SAMPLE_BLOCKS - 1), _BLOCK) for i in range(SAMPLE_BLOCKS)]
+def _check_safetensors(f: BinaryIO, size: int, file: Path) -> None:
+    """A one-line ModelError naming ``file`` unless the open file starts with a safetensors header."""
+    try:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise ValueError(f"header of {header_len} bytes in a file of {size}")
+        if not isinstance(json.loads(f.read(header_len)), dict):
+            raise TypeError("its header is not a JSON object")
+    except (struct.error, ValueError, TypeError) as e:
+        raise ModelError(f"{file}: not a readable safetensors file ({e})") from None
+    f.seek(0)
 
 
-def _fingerprint_files(path: Path, full: bool) -> str:
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-    if not files:
+def _read_digest(f: BinaryIO) -> bytes:
+    """sha256 of an open file from its position to its end, read in ``_CHUNK`` blocks."""
+    h, buffer = hashlib.sha256(), bytearray(_CHUNK)
+    view = memoryview(buffer)
+    while n := f.readinto(buffer):
+        h.update(view[:n])
+    return h.digest()
+
+
+def _file_digest(file: Path, safetensors: bool) -> bytes:
+    """sha256 of every byte of ``file`` (a safetensors header checked first); remembered in this process
+    only, while the file's (device, inode, size, mtime, ctime) stay the same."""
+    real = os.path.realpath(file)  # hub snapshots link to blobs: one entry per stored file
+    try:
+        with open(real, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())  # taken before reading: a write during the read changes it, so it is read again
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            known = _FILE_DIGESTS.get(real)
+            if known is not None and known[0] == key:
+                return known[1]
+            if safetensors:
+                _check_safetensors(f, st.st_size, file)
+            digest = _read_digest(f)
+    except OSError as e:
+        raise ModelError(f"{file}: cannot read it to fingerprint ({e.strerror or e})") from None
+    _FILE_DIGESTS[real] = (key, digest)
+    return digest
+
+
+def _fingerprint_files(path: Path) -> str:
+    """Fingerprint of one safetensors file, or of a model directory's weights and ``CONFIG_PATTERNS`` files."""
+    if path.is_file():
+        weights, configs = [path], []
+    else:
+        weights = sorted(path.glob("*.safetensors"))
+        configs = sorted({f for pattern in CONFIG_PATTERNS for f in path.glob(pattern) if f.is_file()})
+    if not weights:
         raise ModelError(f"{path}: no *.safetensors weights to fingerprint")
     h = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            try:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                if header_len > size - 8:
-                    raise ValueError(f"header of {header_len} bytes in a file of {size}")
-                header = json.loads(f.read(header_len))
-                header.pop("__metadata__", None)  # free-form text, not weights
-            except (struct.error, ValueError, AttributeError) as e:
-                raise ModelError(f"{file}: not a readable safetensors file ({e})") from None
-            h.update(json.dumps(header, sort_keys=True).encode())  # names, dtypes, shapes, offsets
-            start = 8 + header_len
-            for offset, length in _block_spans(size - start, full):
-                f.seek(start + offset)
-                h.update(f.read(length))
+    for file in weights + configs:
+        h.update(f"{file.name}\0{_file_digest(file, safetensors=file in weights).hex()}\n".encode())
     return h.hexdigest()[:ID_CHARS]
 
 
-def model_fingerprint(
-    source: str | os.PathLike | torch.nn.Module | Mapping[str, torch.Tensor], full: bool = False
-) -> str:
-    """Fingerprint of a base model's weights, from its directory (or one safetensors file), module or state dict.
+def model_fingerprint(source: str | os.PathLike | torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """Fingerprint of a base model, from its directory (or one safetensors file), module or state dict.
 
-    It hashes every tensor's name, dtype and shape and a sample of the values: for files, the safetensors
-    headers and ``SAMPLE_BLOCKS`` evenly spaced 4 KiB blocks per file (a few MiB read whatever the model
-    size); for a module or state dict, ``SAMPLE_ELEMENTS`` evenly spaced elements per tensor. Another
-    model, checkpoint, fine-tune or storage dtype changes it; an edit of a handful of elements can slip
-    between the samples, which ``full=True`` (hash every byte) rules out. A directory and a loaded model
-    hash different things, so fingerprint a context's base the same way every time (the directory from
-    ``resolve_base_model`` is cheapest and needs no loaded model).
+    A directory's covers every byte that determines the model's activations: each ``*.safetensors`` file
+    whole (header and data) and the files transformers builds the model and its tokenizer from
+    (``CONFIG_PATTERNS``: config, tokenizer, chat template, shard index), with their names. Any change is
+    another fingerprint, also one made in place with the file's size and mtime kept. It costs one sha256
+    pass over the weights (sha256 beats blake2b on CPUs with SHA instructions; both are measured, with the
+    fingerprint's cost against a base forward, by benchmarks/fingerprint.py); within one process a file
+    whose (device, inode, size, mtime, ctime) did not change is not read again, and a new process reads
+    every byte. A module or state dict hashes every tensor's name, dtype, shape and bytes (weights only).
+    The two forms differ, so fingerprint a context's base the same way every time (the directory from
+    ``resolve_base_model`` needs no loaded model).
     """
     if isinstance(source, (str, os.PathLike)):
-        return _fingerprint_files(Path(source), full)
+        return _fingerprint_files(Path(source))
     if isinstance(source, torch.nn.Module):
         source = source.state_dict()
     if not source:
         raise CacheError("model_fingerprint: empty state dict")
-    return _hash_tensors(source, sample=None if full else SAMPLE_ELEMENTS)
+    return _hash_tensors(source)
 
 
 def _context_id(record: Mapping[str, Any]) -> str:

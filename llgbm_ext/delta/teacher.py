@@ -25,7 +25,7 @@ from .deltas import DeltaComputer, adapter_scaling
 def delta_context(computer: DeltaComputer, base_model: str | os.PathLike, model_dir: str | os.PathLike,
                   probe_set: int = 0, fingerprint: str | None = None) -> DeltaContext:
     """The cache context of ``computer``'s deltas on one of its probe sets; ``model_dir`` is fingerprinted
-    (cheap, sampled) unless ``fingerprint`` is given."""
+    (every byte, once per process) unless ``fingerprint`` is given."""
     settings = {k: v for k, v in computer.all_settings[probe_set].to_dict().items() if k != "probe_set"}
     return DeltaContext(
         base_model=str(base_model), fingerprint=fingerprint or model_fingerprint(Path(model_dir)),

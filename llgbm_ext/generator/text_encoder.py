@@ -192,7 +192,7 @@ def resolve_sentence_model(name: str) -> Path:
 
 
 def model_identity(folder: Path) -> str:
-    """Fingerprint of a model folder: its weights (sampled, see ``model_fingerprint``) and its JSON configs."""
+    """Fingerprint of a model folder: its weights (``model_fingerprint``) and its JSON configs."""
     h = hashlib.sha256(model_fingerprint(folder).encode())
     for config in sorted(folder.glob("**/*.json")):
         h.update(str(config.relative_to(folder)).encode() + b"\0" + config.read_bytes())

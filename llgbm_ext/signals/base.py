@@ -73,7 +73,7 @@ class BehaviourSignal(ABC):
 
     @property
     def fingerprint(self) -> str:
-        """The base model's weight fingerprint (computed once)."""
+        """The base model directory's ``model_fingerprint`` (every byte of its weights and configs), computed once."""
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.model_dir)
         return self._fingerprint

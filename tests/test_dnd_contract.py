@@ -10,9 +10,9 @@ noise and in-place criterion, and ``forward(source, mask, condition, target, noi
 from __future__ import annotations
 
 import json
-
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import types
@@ -20,29 +20,34 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import REPO_ROOT
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from conftest import REPO_ROOT
 from llgbm_ext.cli import main as llgbm_main
 from llgbm_ext.config import ConfigError
 from llgbm_ext.delta import DeltaComputer, get_probe_set
-from llgbm_ext.dnd import DnDPluginConfig, DnDTargets, PluginSession, builtin_hooks, installed_hooks
+from llgbm_ext.dnd import (
+    DnDPluginConfig,
+    DnDTargets,
+    PluginSession,
+    builtin_hooks,
+    installed_hooks,
+)
 from llgbm_ext.dnd.hooks import HookError
 from llgbm_ext.dnd.loss import BehaviourTerm
-from llgbm_ext.training.config import KLConfig
-from llgbm_ext.errors import LLGBMError
-from llgbm_ext.lora.tokens import detokenize
 from llgbm_ext.dnd.metrics import format_terms
 from llgbm_ext.dnd.rows import RowError, RowIdCollate, token_fingerprint
 from llgbm_ext.dnd.runner import ROOT_NAME, RunnerError, run_dnd_script
+from llgbm_ext.errors import LLGBMError
 from llgbm_ext.lora.adapters import save_dnd_checkpoint
 from llgbm_ext.lora.factors import random_factors, state_dict_from_factors
 from llgbm_ext.lora.layout import TINY
-from llgbm_ext.lora.tokens import lora_to_tokens
+from llgbm_ext.lora.tokens import detokenize, lora_to_tokens
 from llgbm_ext.losses import DeltaLoss, TokenMSELoss
+from llgbm_ext.training.config import KLConfig
 
 NUM_TEXTS, TEXT_LEN, EMBED = 2, 6, 8
 
@@ -50,10 +55,11 @@ NUM_TEXTS, TEXT_LEN, EMBED = 2, 6, 8
 # --- the test double -------------------------------------------------------------------------------
 
 class DoubleTokenizer:
-    """Stands in for DnD's LoRA tokenizer: ``tokenize(diction) -> (tokens (N, H, W), None)``."""
+    """Stands in for DnD's LoRA tokenizer: ``tokenize(diction) -> (tokens (N, H, W), None)`` in the
+    weights' dtype."""
 
     def tokenize(self, diction, **kwargs):
-        return lora_to_tokens(diction, TINY), None
+        return lora_to_tokens(diction, TINY).to(next(iter(diction.values())).dtype), None
 
 
 def double_text_tokenizer(texts, **kwargs):
@@ -75,15 +81,19 @@ class DoubleFullCondDataset(torch.utils.data.Dataset):
         self.length_for_each = real_length
         self.real_length = len(self.checkpoints)
         self.length = real_length if expected_iteration is None else expected_iteration + 1000
+        self.tokenizer_extra_config = tokenizer_extra_config
 
     def __len__(self):
         return self.length
 
+    def load_checkpoint(self, path):
+        return {k: v.to(self.dtype) for k, v in load_file(path).items()}
+
     def __getitem__(self, item):
         path = self.checkpoints[item % self.real_length]
-        tokens, _ = self.tokenizer.tokenize(load_file(path))
+        tokens, _ = self.tokenizer.tokenize(self.load_checkpoint(path), **self.tokenizer_extra_config)
         texts = self.texts[(item % self.real_length) // self.length_for_each][: self.num_texts]
-        return tokens.to(self.dtype), self.text_tokenizer(texts), path
+        return tokens, self.text_tokenizer(texts), path
 
     def collate_fn_train(self, batch):
         tokens, conditions, _ = zip(*batch)
@@ -179,10 +189,10 @@ def dnd_tree(tmp_path_factory):
     return root
 
 
-def make_dataset(root: Path):
+def make_dataset(root: Path, real_length: int = 3):
     texts = [[{"prompt": f"question {i} about {t}"} for i in range(4)] for t in ("taskA", "taskB")]
     return DoubleFullCondDataset([str(root / "taskA"), str(root / "taskB")], DoubleTokenizer(), NUM_TEXTS, texts,
-                                 TEXT_LEN, double_text_tokenizer, expected_iteration=64, real_length=3)
+                                 TEXT_LEN, double_text_tokenizer, expected_iteration=64, real_length=real_length)
 
 
 def make_model(anchor: torch.Tensor):
@@ -242,7 +252,7 @@ def test_config_rejects_bad_values(bad, match):
 # --- dataset hook -----------------------------------------------------------------------------------
 
 def test_token_fingerprint_exact_and_batch_independent():
-    tokens = torch.randn(3, 5, 4, 6).to(torch.bfloat16)
+    tokens = torch.randn(3, 5, 4, 6).to(torch.bfloat16)  # rows of 120 <= SAMPLE values: every value counts
     fp = token_fingerprint(tokens)
     assert fp.shape == (3, 2) and fp.dtype == torch.int64
     assert torch.equal(token_fingerprint(tokens[1:2]), fp[1:2])  # a row's id does not depend on its batch
@@ -253,6 +263,24 @@ def test_token_fingerprint_exact_and_batch_independent():
     with_nan[0, 0, 0, 0] = float("nan")
     zeroed = with_nan.nan_to_num(0.0)
     assert torch.equal(token_fingerprint(with_nan), token_fingerprint(zeroed))  # as DnD's loop passes them
+
+
+def test_token_fingerprint_of_a_long_row_reads_its_shape_and_a_fixed_sample():
+    """Rows of the 1.5B size: the fingerprint reads 256 evenly spaced runs of 64 values, the first at the
+    row's start; values between the runs do not count, the shape does."""
+    tokens = torch.randn(2, 4508, 18, 258).to(torch.bfloat16)
+    fp = token_fingerprint(tokens)
+    size = tokens[0].numel()
+    step = (size - 64) // 255  # hand-computed positions of the runs
+    for position, counts in [(0, True), (63, True), (64, False), (step + 10, True), (step - 1, False),
+                             (255 * step + 63, True), (size - 1, 255 * step + 63 == size - 1)]:
+        nudged = tokens.clone()
+        nudged.view(torch.int16).view(2, -1)[1, position] += 1
+        again = token_fingerprint(nudged)
+        assert torch.equal(again[0], fp[0]) and torch.equal(again[1], fp[1]) != counts, position
+    assert torch.equal(token_fingerprint(tokens.transpose(2, 3).contiguous().transpose(2, 3)), fp)  # layout-free
+    flat = torch.zeros(1, 4508 * 18 * 258, dtype=torch.bfloat16)  # same values everywhere, other shapes
+    assert not torch.equal(token_fingerprint(flat.view(1, 4508, 18, 258)), token_fingerprint(flat.view(1, 4508, 258, 18)))
 
 
 def test_row_ids_through_dataloader_workers(tmp_path, dnd_tree):
@@ -274,8 +302,8 @@ def test_row_ids_through_dataloader_workers(tmp_path, dnd_tree):
             paths = session.rows.lookup(token_fingerprint(tokens))
             for row, candidates in enumerate(paths):
                 assert candidates == [candidates[0]]
-                expected, _ = dataset.tokenizer.tokenize(load_file(candidates[0]))
-                assert torch.equal(tokens[row], expected.to(torch.bfloat16))
+                expected, _ = dataset.tokenizer.tokenize(dataset.load_checkpoint(candidates[0]))
+                assert torch.equal(tokens[row], expected)
             seen += len(paths)
             if step == 4:
                 break
@@ -283,6 +311,57 @@ def test_row_ids_through_dataloader_workers(tmp_path, dnd_tree):
         with pytest.raises(RowError, match="does not match any checkpoint"):
             session.rows.lookup(token_fingerprint(torch.zeros(1, 2, 2)))
     assert session.rows.checkpoints() == dataset.checkpoints
+
+
+def test_checkpoints_with_one_fingerprint_are_an_error_at_start(tmp_path, dnd_tree):
+    """A copy of a checkpoint (equal weights) shares its row and teacher; a checkpoint that differs only
+    below bfloat16 resolution (DnD loads in bf16, so its tokens are the same) is refused when DnD builds
+    its training DataLoader, in one line naming both files, not at the step whose row matches both."""
+    tree = tmp_path / "tree"
+    shutil.copytree(dnd_tree, tree)
+    shutil.copy(tree / "taskB" / "2.safetensors", tree / "taskB" / "4.safetensors")
+    with installed_hooks(session_for(tmp_path, hooks=("row_ids",))) as session:
+        dataset = make_dataset(tree, real_length=4)
+        tokens = dataset.collate_fn_train([dataset[6]])[0]  # taskB/2.safetensors or its copy
+        assert sorted(Path(p).name for p in session.rows.lookup(token_fingerprint(tokens))[0]) == \
+            ["2.safetensors", "4.safetensors"]
+
+    weights = load_file(str(tree / "taskA" / "1.safetensors"))
+    weights[next(iter(weights))].view(-1)[0] += 1e-9  # float32 only
+    save_file(weights, str(tree / "taskA" / "4.safetensors"))
+    with installed_hooks(session_for(tmp_path, hooks=("row_ids",))):
+        dataset = make_dataset(tree, real_length=4)
+        with pytest.raises(RowError) as error:
+            dataset.collate_fn_train  # noqa: B018  (DnD's DataLoader(collate_fn=dataset.collate_fn_train))
+        message = str(error.value)
+        assert "\n" not in message and "different checkpoints whose tokens have one fingerprint" in message
+        named = sorted(Path(p).relative_to(tree).as_posix() for p in message.split(": different")[0].split(" and "))
+        assert named == ["taskA/1.safetensors", "taskA/4.safetensors"], message
+    with installed_hooks(session_for(tmp_path, hooks=("row_ids",), lambda_delta=0.0)) as session:
+        make_dataset(tree, real_length=4).collate_fn_train  # noqa: B018  weight only: rows are never looked up
+        assert (session.rows.entries[0][1] == -1).all()  # nothing fingerprinted ahead
+
+
+def test_a_sampled_collision_is_an_error_at_start(tmp_path):
+    """Two checkpoints whose tokens differ only between the sampled runs."""
+    import types
+
+    from llgbm_ext.dnd.rows import fill_table
+
+    rows = torch.randn(2, 4508, 18, 258).to(torch.bfloat16)
+    rows[1] = rows[0]
+    rows[1].view(-1)[100] += 1  # between the first and the second run
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"{i}.safetensors"))
+        save_file({"w": torch.full((2,), float(i))}, paths[-1])
+    dataset = types.SimpleNamespace(
+        checkpoints=paths, tokenizer_extra_config={}, load_checkpoint=paths.index,
+        tokenizer=types.SimpleNamespace(tokenize=lambda i: (rows[i], None)))
+    table = torch.zeros(2, 2, dtype=torch.int64)
+    with pytest.raises(RowError, match=f"{paths[0]} and {paths[1]}: different checkpoints"):
+        fill_table(dataset, table)
+    assert torch.equal(table, token_fingerprint(rows))
 
 
 def test_row_collate_pickles(tmp_path, dnd_tree):

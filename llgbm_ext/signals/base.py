@@ -128,6 +128,12 @@ def rank() -> int:
     return dist.get_rank() if dist else 0
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, number of processes) in torch.distributed; (0, 1) when not distributed."""
+    dist = _dist()
+    return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+
+
 class RankError(LLGBMError):
     """A step failed on one process of a torch.distributed run; every process raises it, with that message."""
 
@@ -200,7 +206,7 @@ def prepare_targets(signal: BehaviourSignal, cache: DeltaCache, paths: list[Path
     teacher whose targets are not finite) ends with ``together``: a failure stops every rank at once
     with the same one-line error, never leaving the others at a collective."""
     dist = _dist()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    rank, world = rank_and_world()
 
     def cached() -> dict[int, np.ndarray]:
         found = {}

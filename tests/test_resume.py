@@ -3,6 +3,12 @@
 * ``llgbm train`` killed (SIGKILL, from outside) after its step-2 checkpoint and resumed with
   ``--resume`` ends with generator weights bit-identical to an uninterrupted run (CPU, fixed seed,
   condition noise on, so the RNG state is part of what must be restored).
+* A resume is told from a restart: training is a function of (seed, step), so a run restarted from
+  step 0 would end identically. The resumed process says at which step it resumes, the metrics rows
+  of the steps before it are the first process's, byte for byte (each row holds its step's wall time),
+  and every later step is logged anew, once. On one process and on two (DDP through ``accelerate``).
+* A resume with a setting that changes the result (learning rate, loss, generator, noise, fewer
+  steps than done) is refused with one line naming the checkpoint and the setting; ``steps`` may grow.
 * A process killed half-way through writing a checkpoint file or a DeltaCache entry: the kill is
   injected by running the CLI in a wrapper that replaces one write function with one that writes
   half of the bytes and then sends itself SIGKILL, so the process dies with a truncated file on disk.
@@ -12,6 +18,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import REPO_ROOT
 from fake_teachers import write_fake_teachers
 from llgbm_ext.cli import main
 from llgbm_ext.config import load_config
@@ -102,13 +110,30 @@ def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def metric_lines(out: Path) -> list[str]:
+    return (out / "metrics.jsonl").read_text().splitlines()
+
+
+def checkpoint_step(path: Path) -> int:
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+def assert_resumed_at(out: Path, before: list[str], start: int, steps: int = STEPS) -> None:
+    """The steps before ``start`` were not run again (their rows are those logged ``before`` the resume, byte
+    for byte) and every step from ``start`` on was run by the resumed process, once (rows not seen before)."""
+    after = metric_lines(out)
+    assert [json.loads(line)["step"] for line in after] == list(range(steps))
+    assert after[:start] == before[:start]
+    assert not set(after[start:]) & set(before)
+
+
 def assert_same_as_straight(out: Path, straight: Path) -> None:
     assert losses(out) == losses(straight)
     a, b = final_weights(out), final_weights(straight)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigkill_mid_training_then_resume_is_bit_identical(teachers, straight, tmp_path):
+def test_sigkill_mid_training_then_resume_is_bit_identical(teachers, straight, tmp_path, capsys):
     out = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "llgbm_ext", *train_args(teachers, out)], env=env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -124,8 +149,13 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(teachers, straight, t
     assert not (out / "checkpoints" / f"step_{STEPS:07d}").exists(), "the run finished before it was killed"
     resumed_from = latest_checkpoint(out)
     assert resumed_from is not None and (resumed_from / "state.json").is_file()
+    start, before = checkpoint_step(resumed_from), metric_lines(out)
+    assert 2 <= start < STEPS
 
+    capsys.readouterr()
     assert main([*train_args(teachers, out)[:1], "--resume", *train_args(teachers, out)[1:]]) == 0
+    assert f"{out}: resuming at step {start} from {resumed_from}" in capsys.readouterr().out
+    assert_resumed_at(out, before, start)
     assert_same_as_straight(out, straight)
 
 
@@ -139,10 +169,81 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(teachers, strai
     assert (root / "latest").read_text().strip() == "step_0000002"
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["latest", "step_0000002"]
     assert list(root.glob(".step_0000004.*.tmp/trainable.safetensors"))  # the half-written file, hidden
+    before = metric_lines(out)
 
     assert main(["train", "--resume", *train_args(teachers, out)[1:]]) == 0
+    assert_resumed_at(out, before, 2)
     assert_same_as_straight(out, straight)
     assert not list(root.glob(".*"))  # the next save cleared what the killed writer left
+
+
+def launch_two_processes(teachers: Path, out: Path, *extra: str) -> str:
+    """``llgbm train`` on 2 processes (DDP on gloo, ``configs/accelerate/ddp.yaml``) for 4 steps; its stdout."""
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+           "configs/accelerate/ddp.yaml", "--num_processes", "2", "-m", "llgbm_ext",
+           *train_args(teachers, out), "steps=4", *extra]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def test_two_processes_resume_at_the_checkpoint_step(teachers, tmp_path):
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    launch_two_processes(teachers, run)
+    shutil.copytree(run, resumed)  # a copy of the run that has only its step-2 checkpoint
+    shutil.rmtree(resumed / "checkpoints" / "step_0000004")
+    (resumed / "checkpoints" / "latest").write_text("step_0000002\n")
+    before = metric_lines(resumed)
+
+    printed = launch_two_processes(teachers, resumed, "--resume")
+    assert printed.count(f"{resumed}: resuming at step 2 from {resumed / 'checkpoints' / 'step_0000002'}") == 1
+    assert_resumed_at(resumed, before, 2, steps=4)
+    final = [load_file(str(out / "checkpoints" / "step_0000004" / "trainable.safetensors")) for out in (run, resumed)]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    assert [json.loads(line)["loss"] for line in metric_lines(resumed)] == [json.loads(line)["loss"] for line in before]
+
+
+@pytest.mark.parametrize("change, named", [
+    ("optim.lr=2e-3", "optim.lr 0.001 there, 0.002 now"),
+    ("loss.mode=weight_only", 'loss.mode "multitask" there, "weight_only" now'),
+    ("generator.embed_dim=64", "generator.embed_dim 128 there, 64 now"),
+    ("loss.noise=0", "loss.noise 0.001 there, 0.0 now"),
+    ("steps=4", "at step 8, beyond steps=4"),
+])
+def test_resume_with_other_settings_is_refused(teachers, straight, tmp_path, capsys, change, named):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--resume", *train_args(teachers, out)[1:], change]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"llgbm train: error: {out / 'checkpoints' / 'step_0000008'}: ")
+    assert named in error
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files  # nothing written
+
+
+def test_resume_of_a_checkpoint_without_settings_compares_the_digest(teachers, straight, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    state = out / "checkpoints" / "step_0000008" / "state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "settings"}))
+    capsys.readouterr()
+    assert main(["train", "--resume", *train_args(teachers, out)[1:], "optim.lr=2e-3"]) == 2
+    assert "written by a run with a different configuration" in capsys.readouterr().err
+
+
+def test_resume_may_extend_steps_and_change_when_it_saves(teachers, straight, tmp_path, capsys):
+    """More steps continue the finished run (the schedule keeps its length: lr stays at its floor)."""
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    before = metric_lines(out)
+    capsys.readouterr()
+    assert main(["train", "--resume", *train_args(teachers, out)[1:], "steps=10", "save_every=5", "keep_checkpoints=1"]) == 0
+    assert f"resuming at step {STEPS} from" in capsys.readouterr().out
+    assert_resumed_at(out, before, STEPS, steps=10)
+    rows = [json.loads(line) for line in metric_lines(out)]
+    assert rows[-1]["lr"] == rows[-2]["lr"] == pytest.approx(0.1 * 1e-3)  # the floor of the 8-step schedule
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000010"]
 
 
 def test_kill_while_writing_a_cache_entry_leaves_no_corrupt_entry(teachers, tmp_path):

@@ -8,7 +8,7 @@
     rank_<r>/rng.safetensors   torch CPU (and CUDA) RNG states of process r
     rank_<r>/replica.json      digest of process r's copy of the weights (none under ZeRO-3)
     rank_<r>/optimizer.pt      ZeRO only: process r's optimizer partition (fp32 masters, Adam state)
-    state.json                 step, config digest, number of processes, ZeRO stage
+    state.json                 step, config digest, settings, number of processes, ZeRO stage
 
 Every process first writes its own ``rank_<r>`` folder into ``checkpoints/.step_<N>.ranks/``; the
 main process then builds the checkpoint in a temporary folder, moves the rank folders in, renames it
@@ -17,7 +17,10 @@ from the newest complete checkpoint, and a folder named ``step_<N>`` is always c
 checkpoint whose processes hold different weights (replicas that drifted apart) is refused. Batches
 need no saved state: each step's batch is a function of (seed, step) (``training.data``). A
 checkpoint resumes with the number of processes that wrote it (each has its own RNG stream and,
-under ZeRO, its own optimizer partition).
+under ZeRO, its own optimizer partition), and with the settings that wrote it (``check_resume``):
+``state.json`` keeps every setting that determines the weights, so a resume with another one is
+refused by name. ``steps`` may grow; the learning-rate schedule keeps the length it had (it is part of
+the scheduler state), so an extended run continues at the floor of the original schedule.
 """
 
 from __future__ import annotations
@@ -87,13 +90,14 @@ def save_rank_state(out_dir: str | os.PathLike, step: int, rank: int, replica: d
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict | None,
                     scheduler_state: dict, config_digest: str, processes: int = 1, zero_stage: int = 0,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, settings: dict | None = None) -> Path:
     """Main process, after every process ran ``save_rank_state``: write checkpoint ``step`` atomically,
-    point ``latest`` at it, and keep the newest ``keep``."""
+    point ``latest`` at it, and keep the newest ``keep``. ``settings``: what a resume must keep (flat, JSON)."""
     root = checkpoint_root(out_dir)
     path = root / _step_name(step)
     staging = _staging(out_dir, step)
-    state = {"step": step, "config_digest": config_digest, "processes": processes, "zero_stage": zero_stage}
+    state = {"step": step, "config_digest": config_digest, "processes": processes, "zero_stage": zero_stage,
+             "settings": settings}
     digests = {json.loads((staging / f"rank_{r}" / "replica.json").read_text())["weights_sha256"] for r in range(processes)}
     if len(digests - {None}) > 1:
         raise CheckpointError(f"{path}: the {processes} processes hold different weights at step {step}")
@@ -158,17 +162,44 @@ def load_module_weights(path: str | os.PathLike, module: str) -> dict[str, torch
     return found
 
 
-def load_weights(path: str | os.PathLike, trainable: torch.nn.Module, config_digest: str | None = None,
-                 processes: int | None = None) -> int:
-    """Restore the trained weights (before the model is wrapped for several processes); returns the step."""
+def _state(path: Path) -> dict:
+    return _read(path, lambda p: json.loads(p.read_text()), "state.json")
+
+
+def check_resume(path: str | os.PathLike, settings: dict, config_digest: str, steps: int, processes: int) -> int:
+    """Refuse to resume from checkpoint ``path`` what would not continue its run: other ``settings`` (named in
+    the error), ``steps`` below the checkpoint's step, another number of processes. Returns its step.
+
+    Checkpoints written before ``state.json`` kept the settings are compared by ``config_digest``."""
     path = Path(path)
-    state = _read(path, lambda p: json.loads(p.read_text()), "state.json")
-    if config_digest is not None and state.get("config_digest") != config_digest:
+    state = _state(path)
+    saved = state.get("settings")
+    if saved is not None:
+        absent = "(absent)"
+        differ = sorted(k for k in saved.keys() | settings.keys() if saved.get(k, absent) != settings.get(k, absent))
+        if differ:
+            shown = "; ".join(f"{k} {json.dumps(saved.get(k, absent))} there, {json.dumps(settings.get(k, absent))} now"
+                              for k in differ[:3])
+            more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+            raise CheckpointError(f"{path}: written with other settings ({shown}{more}); resume with the settings "
+                                  "of that run or use a new out_dir")
+    elif state.get("config_digest") != config_digest:
         raise CheckpointError(f"{path}: written by a run with a different configuration; use a new out_dir")
+    step = int(state["step"])
+    if step > steps:
+        raise CheckpointError(f"{path}: at step {step}, beyond steps={steps}; resume with steps >= {step}")
     written_by = state.get("processes", 1)
-    if processes is not None and written_by != processes:
+    if written_by != processes:
         raise CheckpointError(f"{path}: written by {written_by} process(es), resumed with {processes}; an exact "
                               f"resume needs the same number (accelerate launch --num_processes {written_by})")
+    return step
+
+
+def load_weights(path: str | os.PathLike, trainable: torch.nn.Module) -> int:
+    """Restore the trained weights (before the model is wrapped for several processes); returns the step.
+    ``check_resume`` first decides whether the checkpoint may be resumed."""
+    path = Path(path)
+    state = _state(path)
     missing, unexpected = trainable.load_state_dict(_weights(path), strict=False)
     missing = [k for k in missing if not k.startswith("base.")]  # the frozen base (a ZeRO-3 submodule) is never saved
     if missing or unexpected:

@@ -39,7 +39,8 @@ from ..generator.text_encoder import EmbeddingCache, TextEncoder
 from ..losses import BehaviourLoss, DeltaGuidedLoss, DeltaHead, DeltaWLoss, TokenMSELoss, WeightLoss
 from ..lora.tokens import detokenize
 from .checkpoint import (
-    RUN_INFO, latest_checkpoint, load_training_state, load_weights, save_checkpoint, save_rank_state, zero_partition,
+    RUN_INFO, check_resume, latest_checkpoint, load_training_state, load_weights, save_checkpoint, save_rank_state,
+    zero_partition,
 )
 from .config import TrainingConfig
 from .data import StepBatches, batch_loader
@@ -119,8 +120,29 @@ def config_digest(cfg: TrainingConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Settings a resume may change: they change when and where results are written, not what is computed
+# (each step's batch is a function of (seed, step), whatever the loader's workers). ``steps`` may grow.
+RESUME_MAY_CHANGE = ("steps", "save_every", "keep_checkpoints", "out_dir", "data.num_workers")
+
+
+def resume_settings(cfg: TrainingConfig) -> dict:
+    """Every setting that determines the trained weights, as dotted keys: what a resume must keep."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}{key}.", item)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", to_dict(cfg))
+    return {k: v for k, v in flat.items() if k not in RESUME_MAY_CHANGE}
+
+
 class Trainer:
-    """The training recipe. ``resume=True`` continues from ``<out_dir>/checkpoints/latest`` if present."""
+    """The training recipe. ``resume=True`` continues from ``<out_dir>/checkpoints/latest`` if present
+    (refused, before any model is loaded, where it would not continue that run: ``check_resume``)."""
 
     def __init__(self, cfg: TrainingConfig, resume: bool = False, progress: bool = True):
         self.cfg = cfg
@@ -136,6 +158,12 @@ class Trainer:
         self.accelerator = acc = make_accelerator(cfg)
         self.device = acc.device
         self.zero_stage = zero_stage(acc)
+        self.digest, self.settings = config_digest(cfg), resume_settings(cfg)
+        checkpoint = latest_checkpoint(self.out) if self.resume else None
+        if checkpoint is not None:  # refused before any model is loaded
+            self.start_step = check_resume(checkpoint, self.settings, self.digest, cfg.steps, acc.num_processes)
+            if acc.is_main_process:
+                print(f"{self.out}: resuming at step {self.start_step} from {checkpoint}", flush=True)
         teachers = load_teacher_set(cfg.data.teachers)
         include = list(cfg.data.tasks) if cfg.data.tasks is not None else None
         self.teachers = teachers.select(include=include, exclude=list(cfg.data.held_out))
@@ -162,10 +190,8 @@ class Trainer:
             with whole_models(acc):
                 base = self._setup_signals()
             self.trainable.attach_signals(self.signals, self.layout, base, partition_base=self.zero_stage == 3)
-        self.digest = config_digest(cfg)
-        checkpoint = latest_checkpoint(self.out) if self.resume else None
         if checkpoint is not None:  # weights before wrapping: DDP broadcasts them, ZeRO partitions them
-            self.start_step = load_weights(checkpoint, self.trainable, self.digest, acc.num_processes)
+            load_weights(checkpoint, self.trainable)
         configure_deepspeed(acc, cfg)
         # the scheduler is not prepared: accelerate's wrapper would step it num_processes times a step
         self.model, self.optimizer = acc.prepare(self.trainable, self.optimizer)
@@ -377,7 +403,8 @@ class Trainer:
         if acc.is_main_process:
             optimizer_state = None if self.zero_optimizer is not None else self.optimizer.state_dict()
             save_checkpoint(self.out, step, weights, optimizer_state, self.scheduler.state_dict(), self.digest,
-                            processes=acc.num_processes, zero_stage=self.zero_stage, keep=self.cfg.keep_checkpoints)
+                            processes=acc.num_processes, zero_stage=self.zero_stage, keep=self.cfg.keep_checkpoints,
+                            settings=self.settings)
             plot_metrics(self._read_metrics(), self.out / "loss_curves.png")
         acc.wait_for_everyone()
 

@@ -633,11 +633,12 @@ def test_scripts_parse_and_call_the_wrapper():
     tasks = ["ARC-c", "ARC-e", "BoolQ", "HellaSwag", "OBQA", "PIQA", "WinoGrande"]
     files = [scripts / "common_sense_reasoning" / t / "training_and_generation.sh" for t in tasks]
     files += [scripts / "math1.5B" / "training_and_generation.sh", scripts / "coding1.5B" / "training_and_generation.sh"]
-    for file in files + [scripts / "launch_llgbm.sh"]:
+    for file in files + [scripts / "launch_llgbm.sh", scripts / "dnd_steps.sh"]:
         subprocess.run(["bash", "-n", str(file)], check=True)
     for file in files:
         text = file.read_text()
-        assert "launch_llgbm.sh" in text and "--llgbm-config" in text and "python generate/" in text
+        assert "dnd_steps.sh" in text and "llgbm_train tasks/" in text and "--llgbm-config" in text
+        assert "dnd_generate generate/" in text and "python generate/" not in text
     for file in files[:-1]:
         assert "llgbm eval --base-model" in file.read_text()
 

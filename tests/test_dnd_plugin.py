@@ -157,3 +157,87 @@ def test_dnd_math_script_with_the_commonsense_config_is_refused_before_dnd_setup
 
     with pytest.raises(ScriptError, match="train_qwen1.5lora_Math.py: its tokenizer Qwen2515LoRA_Tokenizer2D"):
         run_dnd_script(DND / "workspace" / "main" / "tasks" / "math" / "train_qwen1.5lora_Math.py", [], config)
+
+
+# --- per-task scripts ----------------------------------------------------------------------------------
+
+# DnD's generation scripts find the root by this folder name (contract §6.11); this one records where it ran
+GENERATE = '''import json, os, sys
+root = os.sep + os.sep.join(__file__.split(os.sep)[1 : __file__.split(os.sep).index("Drag-and-Drop-LLMs") + 1])
+os.chdir(root)
+with open(os.environ["LLGBM_TEST_LOG"] + ".generate", "a") as f:
+    f.write(json.dumps({"cwd": os.getcwd(), "args": sys.argv[1:]}) + "\\n")
+'''
+MARKED = "# with --llgbm: EXEC_FILE=\"-m llgbm_ext.dnd.runner ...\"\n"
+
+
+def task_checkout(tmp_path: Path, launch_multi: str) -> Path:
+    """A DnD checkout named dnd-checkout, with the given launch_multi.sh and a recording generation script."""
+    root = tmp_path / "dnd-checkout"
+    (root / "workspace" / "dnd").mkdir(parents=True)
+    main = root / "workspace" / "main"
+    (main / "generate").mkdir(parents=True)
+    (main / "launch_multi.sh").write_text(launch_multi)
+    (main / "generate" / "qwen0.5lora_generation_common_sense_reasoning.py").write_text(GENERATE)
+    return root
+
+
+def run_task_script(root: Path, tmp_path: Path) -> tuple[list[str], list[dict]]:
+    """scripts/common_sense_reasoning/ARC-e/training_and_generation.sh from ``root`` with `accelerate`
+    and `llgbm` stubs that log their arguments; returns (the log, the generation records)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    for name in ("accelerate", "llgbm"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "$LLGBM_TEST_LOG"\n')
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "LLGBM_TEST_LOG": str(log),
+           "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])}
+    script = REPO_ROOT / "scripts" / "common_sense_reasoning" / "ARC-e" / "training_and_generation.sh"
+    subprocess.run(["bash", str(script)], cwd=root, env=env, check=True, capture_output=True, text=True)
+    records = [json.loads(line) for line in Path(f"{log}.generate").read_text().splitlines()]
+    return log.read_text().splitlines(), records
+
+
+def assert_generation_and_eval(root: Path, log: list[str], records: list[dict]) -> None:
+    assert [r["args"] for r in records] == [["--eval_dataset", f"ARC-e{s}", "--test_dataset", "ARC-e"] for s in (1000, 2000)]
+    assert all(Path(r["cwd"]) == root.resolve() for r in records)  # DnD's root discovery found the checkout
+    assert log[-1].startswith("llgbm eval --base-model ./models/Qwen2.5-0.5B-Instruct --tasks ARC-e") and \
+        "--generated ./generated/common_sense_reasoning/ARC-e1000T_on_ARC-eV " \
+        "./generated/common_sense_reasoning/ARC-e2000T_on_ARC-eV" in log[-1]
+
+
+@pytest.mark.parametrize("patched", [True, False])
+def test_task_script_trains_through_the_patched_launcher_or_ours_and_generates_in_any_folder(tmp_path, patched):
+    root = task_checkout(tmp_path, '#!/bin/bash\necho "launch_multi.sh $*" >> "$LLGBM_TEST_LOG"\n'
+                         + (MARKED if patched else ""))
+    log, records = run_task_script(root, tmp_path)
+    config = root / "workspace" / "llgbm" / "configs" / "common_sense_reasoning.yaml"
+    train = "tasks/common_sense_reasoning/train_qwen0.5lora_ARC-e.py"
+    if patched:
+        assert log[0] == f"launch_multi.sh {train} 4 --llgbm --llgbm-config {config}"
+    else:
+        assert log[0].startswith("accelerate launch --multi_gpu --mixed_precision=bf16 --num_processes=4 ")
+        assert log[0].endswith(f"-m llgbm_ext.dnd.runner --llgbm-config {config} {train}")
+    assert len(log) == 2
+    assert_generation_and_eval(root, log, records)
+
+
+@requires_dnd
+def test_task_script_with_dnds_patched_launcher(tmp_path):
+    """DnD's own launch_multi.sh with patches/llgbm-flag.patch applied is the one that launches."""
+    import subprocess
+
+    root = task_checkout(tmp_path, (DND / "workspace" / "main" / "launch_multi.sh").read_text())
+    subprocess.run(["git", "apply", str(REPO_ROOT / "patches" / "llgbm-flag.patch")], cwd=root, check=True,
+                   capture_output=True)
+    log, records = run_task_script(root, tmp_path)
+    config = root / "workspace" / "llgbm" / "configs" / "common_sense_reasoning.yaml"
+    assert log[0].startswith("accelerate launch --multi_gpu --num_processes=4 ")  # DnD's flag order
+    assert log[0].endswith(f"--mixed_precision=bf16 -m llgbm_ext.dnd.runner --llgbm-config {config} "
+                           "tasks/common_sense_reasoning/train_qwen0.5lora_ARC-e.py")
+    assert_generation_and_eval(root, log, records)

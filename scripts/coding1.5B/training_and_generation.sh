@@ -5,13 +5,13 @@
 #   bash /path/to/llgbm_ext/scripts/coding1.5B/training_and_generation.sh
 # LLGBM_CONFIG picks another plugin config.
 set -euo pipefail
-LLGBM_SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/../dnd_steps.sh"  # llgbm_train, dnd_generate
 DND_ROOT="$PWD"
 LLGBM_CONFIG="${LLGBM_CONFIG:-$DND_ROOT/workspace/llgbm/configs/coding1.5B.yaml}"
 
 cd "$DND_ROOT/workspace/main"
-bash "$LLGBM_SCRIPTS/launch_llgbm.sh" tasks/coding/train_qwen1.5lora_Coding.py 8 --llgbm-config "$LLGBM_CONFIG"
+llgbm_train tasks/coding/train_qwen1.5lora_Coding.py 8 --llgbm-config "$LLGBM_CONFIG"
 
 for step in 500 1000 1500 2000 2500; do
-    python generate/qwen1.5lora_generation_coding.py --eval_dataset "Coding1.5B$step" --test_dataset Human_Eval
+    dnd_generate generate/qwen1.5lora_generation_coding.py --eval_dataset "Coding1.5B$step" --test_dataset Human_Eval
 done

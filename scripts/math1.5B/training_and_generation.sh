@@ -5,17 +5,17 @@
 #   bash /path/to/llgbm_ext/scripts/math1.5B/training_and_generation.sh
 # LLGBM_CONFIG picks another plugin config; LLGBM_EVAL_ARGS adds `llgbm eval` options (e.g. "--limit 200").
 set -euo pipefail
-LLGBM_SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/../dnd_steps.sh"  # llgbm_train, dnd_generate
 DND_ROOT="$PWD"
 LLGBM_CONFIG="${LLGBM_CONFIG:-$DND_ROOT/workspace/llgbm/configs/math1.5B.yaml}"
 
 cd "$DND_ROOT/workspace/main"
-bash "$LLGBM_SCRIPTS/launch_llgbm.sh" tasks/math/train_qwen1.5lora_Math.py 8 --llgbm-config "$LLGBM_CONFIG"
+llgbm_train tasks/math/train_qwen1.5lora_Math.py 8 --llgbm-config "$LLGBM_CONFIG"
 
 STEPS="1000 2000 3000 4000 5000"
 for test in GSM8K MATH; do
     for step in $STEPS; do
-        python generate/qwen1.5lora_generation_math.py --eval_dataset "Math1.5B$step" --test_dataset "$test"
+        dnd_generate generate/qwen1.5lora_generation_math.py --eval_dataset "Math1.5B$step" --test_dataset "$test"
     done
 done
 

@@ -5,16 +5,16 @@
 #   bash /path/to/llgbm_ext/scripts/common_sense_reasoning/OBQA/training_and_generation.sh
 # LLGBM_CONFIG picks another plugin config; LLGBM_EVAL_ARGS adds `llgbm eval` options (e.g. "--limit 200").
 set -euo pipefail
-LLGBM_SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/../../dnd_steps.sh"  # llgbm_train, dnd_generate
 DND_ROOT="$PWD"
 LLGBM_CONFIG="${LLGBM_CONFIG:-$DND_ROOT/workspace/llgbm/configs/common_sense_reasoning.yaml}"
 
 cd "$DND_ROOT/workspace/main"
-bash "$LLGBM_SCRIPTS/launch_llgbm.sh" tasks/common_sense_reasoning/train_qwen0.5lora_OBQA.py 4 --llgbm-config "$LLGBM_CONFIG"
+llgbm_train tasks/common_sense_reasoning/train_qwen0.5lora_OBQA.py 4 --llgbm-config "$LLGBM_CONFIG"
 
 STEPS="1000 2000 3000"
 for step in $STEPS; do
-    python generate/qwen0.5lora_generation_common_sense_reasoning.py --eval_dataset "OBQA$step" --test_dataset OBQA
+    dnd_generate generate/qwen0.5lora_generation_common_sense_reasoning.py --eval_dataset "OBQA$step" --test_dataset OBQA
 done
 
 cd "$DND_ROOT"

@@ -56,6 +56,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--use-system", action="store_true", help="include the records' system prompts (chat template only)")
     p.add_argument("--limit", type=positive_int, metavar="N", help="score only the first N test examples of each task")
     p.add_argument("--reduction", choices=["mean", "sum"], default="mean", help="option score: mean (default) or summed log-prob")
+    p.add_argument("--backend", choices=["builtin", "lm-eval"], default="builtin",
+                   help="scorer: built-in (default; adapters K at a time) or lm-evaluation-harness (extra [harness]; "
+                        "its HF model with each PEFT adapter, one at a time, --max-rows as batch size)")
     p.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="greedy budget (default 32; 256 for GSM8K-style tasks)")
     p.add_argument("--probes", metavar="SET", help="also compare adapters' deltas on this probe set (generic, domain:math, a JSON file)")
     p.add_argument("--reference", choices=["task_mean", "per_adapter"], default="task_mean",
@@ -153,11 +156,7 @@ def _device(name: str) -> str:
 
 def run(args) -> int:
     from ..atomic import write_text
-    from ..data.formatting import PromptFormat
     from ..eval.report import ModelInfo, accuracy_markdown, plot_accuracy, results_payload, write_json
-    from ..eval.scoring import ScoringConfig
-    from ..lora.layout import layout_from_config
-    from ..models.registry import load_base_model
 
     tasks = _load_tasks(args)
     task_names = [t.name for t in tasks]
@@ -165,41 +164,40 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise LLGBMError(f"--out {out}: exists and is not a directory")
-    model, tokenizer = load_base_model(args.base_model, args.dtype, _device(args.device))
-    fmt = PromptFormat(answer_style=args.format, chat_template=args.chat_template, use_system=args.use_system)
-    config = ScoringConfig(fmt=fmt, reduction=args.reduction, max_rows=args.max_rows, progress=False)
-    groups: dict[tuple, list[AdapterEntry]] = {}
-    for entry in entries:
-        groups.setdefault((entry.rank, entry.targets), []).append(entry)
-    layouts = {key: layout_from_config(model.config.to_dict(), rank=key[0], targets=key[1], name=f"{args.base_model}-r{key[0]}")
-               for key in groups}
-
     models = [ModelInfo("base", "base")] + [ModelInfo(e.label, e.role, e.task, str(e.path)) for e in entries]
-    results, timing = _evaluate(args, model, tokenizer, tasks, config, groups, layouts)
-    behaviour, behaviour_text, cosine_plot = None, "", None
-    if args.probes:
-        behaviour, behaviour_text, cosine_plot = _delta_behaviour(args, model, tokenizer, entries, groups, layouts)
+    behaviour, behaviour_text, cosine_plot, harness = None, "", None, None
+    if args.backend == "lm-eval":
+        results, timing, device, harness = _evaluate_harness(args, tasks, entries, out)
+    else:
+        results, timing, device, (behaviour, behaviour_text, cosine_plot) = _evaluate_builtin(args, tasks, entries)
     notes = _notes(args, entries)
 
     run_config = {
         "base_model": args.base_model, "tasks": task_names, "source": "synthetic" if args.synthetic else str(args.data_dir),
+        "backend": args.backend,
         "format": args.format, "chat_template": args.chat_template, "use_system": args.use_system,
         "reduction": args.reduction, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
-        "probes": args.probes, "reference": args.reference, "dtype": args.dtype, "device": str(model.device),
+        "probes": args.probes, "reference": args.reference, "dtype": args.dtype, "device": device,
         "adapters_per_forward": args.adapters_per_forward, "max_rows": args.max_rows,
     }
     task_info = [{"name": t.name, "kind": t.kind, "examples": len(t.test[: args.limit] if args.limit else t.test)} for t in tasks]
     payload = results_payload(run_config, models, results, task_info, behaviour, notes, timing, not args.no_examples)
+    if harness is not None:
+        payload["harness"] = harness
     write_json(out / "results.json", payload)
     summary = accuracy_markdown(models, results)
+    scorer = (f"lm-evaluation-harness {harness['lm_eval_version']} (HF model, PEFT adapters; task configs in "
+              f"`{harness['tasks_dir']}`)" if harness else "the built-in scorer")
     sections = [
         "# Evaluation", "",
-        f"Base model `{args.base_model}`; {len(entries)} adapter(s); answer style `{args.format}`"
-        f"{' with chat template' if args.chat_template else ''}; options by {args.reduction} log-likelihood; "
-        f"exact answers by greedy decoding. Accuracy in %; an adapter group's own task in bold.", "",
+        (f"Base model `{args.base_model}`; {len(entries)} adapter(s); answer style `{args.format}`"
+         f"{' with chat template' if args.chat_template else ''}; scored by {scorer}; options by {args.reduction} "
+         f"log-likelihood; exact answers by greedy decoding. Accuracy in %; an adapter group's own task in bold."), "",
         "## Accuracy by model group", "", summary, "",
         "## Accuracy per model", "", accuracy_markdown(models, results, per_model=True), "",
     ]
+    if harness is not None:
+        sections += ["## lm-eval's own metrics", "", _harness_markdown(harness["metrics"]), ""]
     if behaviour is not None:
         sections += [f"## Delta behaviour (probes `{args.probes}`)", "", behaviour_text, ""]
     sections += ["## Notes", ""] + [f"- {note}" for note in notes]
@@ -215,6 +213,70 @@ def run(args) -> int:
         print("\n" + behaviour_text)
     print(f"\nwrote {', '.join(str(p) for p in written)}")
     return 0
+
+
+def _evaluate_builtin(args, tasks, entries) -> tuple[list, dict, str, tuple]:
+    """Our scorer: (results, timing, device, (behaviour, behaviour text, cosine plot))."""
+    from ..data.formatting import PromptFormat
+    from ..eval.scoring import ScoringConfig
+    from ..lora.layout import layout_from_config
+    from ..models.registry import load_base_model
+
+    model, tokenizer = load_base_model(args.base_model, args.dtype, _device(args.device))
+    fmt = PromptFormat(answer_style=args.format, chat_template=args.chat_template, use_system=args.use_system)
+    config = ScoringConfig(fmt=fmt, reduction=args.reduction, max_rows=args.max_rows, progress=False)
+    groups: dict[tuple, list[AdapterEntry]] = {}
+    for entry in entries:
+        groups.setdefault((entry.rank, entry.targets), []).append(entry)
+    layouts = {key: layout_from_config(model.config.to_dict(), rank=key[0], targets=key[1], name=f"{args.base_model}-r{key[0]}")
+               for key in groups}
+    results, timing = _evaluate(args, model, tokenizer, tasks, config, groups, layouts)
+    behaviour = (None, "", None)
+    if args.probes:
+        behaviour = _delta_behaviour(args, model, tokenizer, entries, groups, layouts)
+    return results, timing, str(model.device), behaviour
+
+
+def _evaluate_harness(args, tasks, entries, out: Path) -> tuple[list, dict, str, dict]:
+    """lm-evaluation-harness: the tasks written as lm-eval configs into ``<out>/lm_eval_tasks`` and
+    scored by its HF model, adapters through ``peft=``; (results, timing, device, harness section)."""
+    import tempfile
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..data.formatting import PromptFormat
+    from ..eval import harness
+    from ..lora.layout import layout_from_config
+    from ..models.registry import resolve_base_model
+
+    if args.probes:
+        raise LLGBMError("--probes: delta behaviour needs the built-in scorer (--backend builtin)")
+    harness.import_lm_eval()
+    model_dir = resolve_base_model(args.base_model)
+    device = _device(args.device)
+    fmt = PromptFormat(answer_style=args.format, chat_template=args.chat_template, use_system=args.use_system)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir) if args.chat_template else None
+    tasks_dir = out / "lm_eval_tasks"
+    written = harness.write_tasks(tasks, tasks_dir, fmt, tokenizer, args.limit, args.max_new_tokens)
+    with tempfile.TemporaryDirectory(prefix="llgbm-peft-") as tmp:
+        config = AutoConfig.from_pretrained(model_dir).to_dict()
+        models = [harness.HarnessModel("base")]
+        for i, e in enumerate(entries):
+            layout = layout_from_config(config, rank=e.rank, targets=e.targets, name=f"{args.base_model}-r{e.rank}")
+            adapter = harness.peft_directory(e.path, layout, Path(tmp) / str(i), str(model_dir))
+            models.append(harness.HarnessModel(e.label, adapter))
+        results, metrics, timing = harness.evaluate_models(
+            model_dir, models, written, tasks_dir, args.reduction, device, args.dtype, args.max_rows)
+    section = {"lm_eval_version": harness.lm_eval_version(), "tasks_dir": str(tasks_dir),
+               "task_names": {t.task.name: t.name for t in written}, "metrics": metrics}
+    return results, timing, device, section
+
+
+def _harness_markdown(metrics: dict) -> str:
+    """lm-eval's aggregate metrics (%) per model and task."""
+    rows = [f"| {model} | {task} | " + ", ".join(f"{name} {100 * value:.1f}" for name, value in found.items()) + " |"
+            for model, by_task in metrics.items() for task, found in by_task.items()]
+    return "\n".join(["| model | task | metrics (%) |", "|---|---|---|"] + rows)
 
 
 def _evaluate(args, model, tokenizer, tasks, config, groups, layouts) -> tuple[list, dict]:

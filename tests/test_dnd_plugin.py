@@ -241,3 +241,79 @@ def test_task_script_with_dnds_patched_launcher(tmp_path):
     assert log[0].endswith(f"--mixed_precision=bf16 -m llgbm_ext.dnd.runner --llgbm-config {config} "
                            "tasks/common_sense_reasoning/train_qwen0.5lora_ARC-e.py")
     assert_generation_and_eval(root, log, records)
+
+
+# --- llgbm dnd check-env -------------------------------------------------------------------------------
+
+# DnD's requirements.txt lines that pin versions, and lines the check must skip (DnD's own, verbatim)
+DND_REQUIREMENTS = """# python==3.12
+
+positional_encodings[pytorch]
+transformers==4.49.0
+safetensors
+numpy<2.0.0
+accelerate==1.2.1
+av<15.0.0
+
+llamafactory[torch,metrics] @ git+https://github.com/hiyouga/LLaMA-Factory.git@v0.9.2
+git+https://github.com/open-compass/VLMEvalKit.git@v0.2
+"""
+DND_STACK = {"llgbm-ext": "0.1.0", "torch": "2.5.1", "transformers": "4.49.0", "accelerate": "1.2.1", "peft": "0.12.0",
+             "numpy": "1.26.4", "tokenizers": "0.21.0", "safetensors": "0.4.5", "tqdm": "4.67.1", "pyyaml": "6.0.2"}
+
+
+@pytest.fixture
+def environment(monkeypatch, tmp_path):
+    """(versions, dnd_root): check-env sees the installed packages of ``versions`` (editable) and
+    llgbm-ext's real declared requirements; llamafactory is not installed."""
+    from llgbm_ext.dnd import environment as env
+
+    versions = dict(DND_STACK)
+    monkeypatch.setattr(env, "installed", versions.get)
+    (tmp_path / "requirements.txt").write_text(DND_REQUIREMENTS)
+    return versions, tmp_path
+
+
+def test_check_env_passes_dnds_pinned_stack_and_names_what_breaks_it(environment, capsys):
+    from llgbm_ext.cli import main as llgbm_main
+    from llgbm_ext.dnd.environment import check_packages
+
+    versions, root = environment
+    checks = {c.name: c for c in check_packages(root)}
+    assert all(not c.problems for c in checks.values()), [c.line() for c in checks.values()]
+    assert [who for who, _ in checks["transformers"].needs] == ["llgbm_ext", "DnD", "LLaMA-Factory 0.9.2"]
+    assert "pyyaml" in checks and "av" not in checks  # the plugin's packages and DnD's pins among them
+    assert llgbm_main(["dnd", "check-env", "--dnd-root", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "llgbm dnd check-env: no problems"
+
+    versions.update(peft="0.15.0", transformers="4.50.0", numpy="2.0.1")  # what `pip install -e .` would do
+    del versions["tqdm"]
+    assert llgbm_main(["dnd", "check-env", "--dnd-root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  peft 0.15.0: LLaMA-Factory 0.9.2 <=0.12.0,>=0.11.1 (not met)" in out
+    assert "FAIL  transformers 4.50.0: llgbm_ext >=4.49.0; DnD ==4.49.0 (not met); LLaMA-Factory 0.9.2" in out
+    assert "FAIL  numpy 2.0.1: llgbm_ext >=1.26; DnD <2.0.0 (not met)" in out
+    assert "FAIL  tqdm (not installed): llgbm_ext >=4.66" in out
+    assert out.splitlines()[-1] == "llgbm dnd check-env: 4 problem(s)"
+
+
+def test_check_env_reports_modules_that_do_not_import(environment, monkeypatch, capsys):
+    from llgbm_ext.cli import main as llgbm_main
+    from llgbm_ext.dnd import environment as env
+
+    assert env.check_imports() == []  # this environment runs the plugin
+    monkeypatch.setattr(env, "PLUGIN_MODULES", ("runner", "no_such_module"))
+    assert llgbm_main(["dnd", "check-env"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  import llgbm_ext.dnd.{runner,no_such_module}" in out
+    assert "llgbm_ext.dnd.no_such_module: ModuleNotFoundError" in out
+
+
+def test_check_env_bad_requirements_file_is_one_line(environment, capsys):
+    from llgbm_ext.cli import main as llgbm_main
+
+    _, root = environment
+    (root / "requirements.txt").write_text("transformers===\n")
+    assert llgbm_main(["dnd", "check-env", "--dnd-root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{root / 'requirements.txt'}: cannot read requirement 'transformers==='" in err

@@ -3,6 +3,7 @@
     llgbm dnd overlay --dnd-root DIR          lay workspace_overrides/ over DIR/workspace/
     llgbm dnd teachers --dnd-root DIR --config FILE.yaml [--script SCRIPT.py] FOLDER...
                                               fill the DeltaCache with the teacher targets of FOLDER/*.safetensors
+    llgbm dnd check-env [--dnd-root DIR]      check this environment: the plugin's packages, DnD's pins, imports
 
 ``overlay`` copies the LLGBM configs, probe sets and the CPU smoke task into DnD's ``workspace/``
 (``main/`` and ``llgbm/``; never the overrides' README), atomically per file; a different existing
@@ -47,6 +48,11 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: this process's GPU if any)")
     t.add_argument("folders", nargs="+", metavar="FOLDER", help="DnD checkpoint folders (<step>.safetensors files)")
     t.set_defaults(func=run_teachers)
+
+    c = actions.add_parser("check-env", parents=[common],
+                           help="check that this environment runs the plugin and still holds DnD's pinned stack")
+    c.add_argument("--dnd-root", metavar="DIR", help="a DnD checkout: also check the pins of its requirements.txt")
+    c.set_defaults(func=run_check_env)
 
 
 def default_source() -> Path:
@@ -107,3 +113,26 @@ def run_teachers(args) -> int:
         print(f"llgbm dnd teachers: targets of {', '.join(term.signals)} for {count} distinct teacher(s) of "
               f"{len(files)} file(s) in the DeltaCache")
     return 0
+
+
+def run_check_env(args) -> int:
+    import platform
+
+    from ..dnd.environment import (
+        PLUGIN_MODULES,
+        check_imports,
+        check_packages,
+        installed,
+    )
+
+    checks = sorted(check_packages(args.dnd_root), key=lambda c: c.name)
+    imports = check_imports()
+    print(f"llgbm dnd check-env: python {platform.python_version()}, llgbm-ext {installed('llgbm-ext')}")
+    for check in checks:
+        print(f"  {check.line()}")
+    print(f"  {'FAIL' if imports else 'ok':4s}  import llgbm_ext.dnd.{{{','.join(PLUGIN_MODULES)}}}")
+    for problem in imports:
+        print(f"        {problem}")
+    count = sum(bool(c.problems) for c in checks) + len(imports)
+    print(f"llgbm dnd check-env: {f'{count} problem(s)' if count else 'no problems'}")
+    return 1 if count else 0

@@ -120,14 +120,17 @@ def unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def gguf_forward(tensors: dict, hyper: dict, ids: list[int]) -> torch.Tensor:
     """Logits (T, vocab) of a Llama forward in llama.cpp's conventions, float64, from the GGUF tensors alone."""
-    w = {k: v.double() for k, v in tensors.items()}
     heads, kv_heads, eps = hyper["heads"], hyper["kv_heads"], hyper["eps"]
-    x = w["token_embd.weight"][ids]
+
+    def w(name):  # one tensor at a time in float64
+        return tensors[name].double()
+
+    x = w("token_embd.weight")[ids]
     length, width = x.shape
     dim = width // heads
 
     def rms(v, name):
-        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w[name]
+        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w(name)
 
     angle = torch.arange(length, dtype=torch.float64)[:, None, None] * hyper["theta"] ** (
         -torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (T, 1, dim/2)
@@ -139,15 +142,15 @@ def gguf_forward(tensors: dict, hyper: dict, ids: list[int]) -> torch.Tensor:
     future = torch.full((length, length), float("-inf"), dtype=torch.float64).triu(1)
     for i in range(hyper["layers"]):
         h = rms(x, f"blk.{i}.attn_norm.weight")
-        q = rotary((h @ w[f"blk.{i}.attn_q.weight"].T).view(length, heads, dim))
-        k = rotary((h @ w[f"blk.{i}.attn_k.weight"].T).view(length, kv_heads, dim)).repeat_interleave(heads // kv_heads, 1)
-        v = (h @ w[f"blk.{i}.attn_v.weight"].T).view(length, kv_heads, dim).repeat_interleave(heads // kv_heads, 1)
+        q = rotary((h @ w(f"blk.{i}.attn_q.weight").T).view(length, heads, dim))
+        k = rotary((h @ w(f"blk.{i}.attn_k.weight").T).view(length, kv_heads, dim)).repeat_interleave(heads // kv_heads, 1)
+        v = (h @ w(f"blk.{i}.attn_v.weight").T).view(length, kv_heads, dim).repeat_interleave(heads // kv_heads, 1)
         scores = torch.einsum("thd,shd->hts", q, k) / dim**0.5 + future
-        x = x + torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(length, width) @ w[f"blk.{i}.attn_output.weight"].T
+        x = x + torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(length, width) @ w(f"blk.{i}.attn_output.weight").T
         h = rms(x, f"blk.{i}.ffn_norm.weight")
-        gated = torch.nn.functional.silu(h @ w[f"blk.{i}.ffn_gate.weight"].T) * (h @ w[f"blk.{i}.ffn_up.weight"].T)
-        x = x + gated @ w[f"blk.{i}.ffn_down.weight"].T
-    return rms(x, "output_norm.weight") @ w["token_embd.weight"].T  # tied output embedding
+        gated = torch.nn.functional.silu(h @ w(f"blk.{i}.ffn_gate.weight").T) * (h @ w(f"blk.{i}.ffn_up.weight").T)
+        x = x + gated @ w(f"blk.{i}.ffn_down.weight").T
+    return rms(x, "output_norm.weight") @ w("token_embd.weight").T  # tied output embedding
 
 
 @requires_smollm2

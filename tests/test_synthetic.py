@@ -1,4 +1,5 @@
-"""The embedded synthetic task suite: deterministic, correct answers, DnD's formats, one held-out member per family."""
+"""The embedded synthetic task suites (v1, v2): deterministic, correct answers, DnD's formats, held-out and
+validation members inside their families."""
 
 import json
 import re
@@ -9,8 +10,8 @@ import pytest
 from llgbm_ext.data import synthetic
 from llgbm_ext.data.dnd_format import DataError, parse_options, read_examples
 from llgbm_ext.data.synthetic import (
-    CATEGORIES, FAMILIES, HELD_OUT, LETTERS, TASK_FAMILIES, WORDS, Family, SuiteConfig,
-    get_synthetic_task, synthetic_suite, write_suite,
+    CATEGORIES, CATEGORY_PHRASES, DEFAULT_SUITE, FAMILIES, HELD_OUT, LETTERS, SUITES, TASK_FAMILIES, WORDS, Family,
+    SuiteConfig, get_synthetic_task, held_out_tasks, synthetic_suite, validation_tasks, write_suite,
 )
 
 SMALL = SuiteConfig(n_train=96, n_test=32, n_conditions=64)
@@ -18,12 +19,13 @@ SMALL = SuiteConfig(n_train=96, n_test=32, n_conditions=64)
 
 @pytest.fixture(scope="module")
 def suite():
-    return synthetic_suite()
+    return synthetic_suite(version=1) + synthetic_suite(version=2)
 
 
 def test_suite_size_kinds_and_splits(suite):
-    assert len(suite) >= 12 and len({t.name for t in suite}) == len(suite)
+    assert len(suite) == len(TASK_FAMILIES) and len({t.name for t in suite}) == len(suite)
     assert {t.kind for t in suite} >= {"mc", "exact"}
+    assert len(SUITES[1]) == 18 and DEFAULT_SUITE == 2 and [t.name for t in synthetic_suite(SMALL)] == list(SUITES[2])
     for task in suite:
         assert len(task.train) == 512 and len(task.test) == 128
         assert len(task.conditions) >= 64 and set(task.conditions) <= {e.prompt for e in task.train}
@@ -32,16 +34,26 @@ def test_suite_size_kinds_and_splits(suite):
         assert TASK_FAMILIES[task.name][0].name == task.family and task.licence
 
 
-def test_families_and_held_out_split():
-    assert len(FAMILIES) >= 4
-    for family in FAMILIES.values():
-        assert len(family.params) >= 3 and family.held_out in family.params
-    assert len(HELD_OUT) == len(FAMILIES)
-    held = {TASK_FAMILIES[name][0].name: name for name in HELD_OUT}
-    assert set(held) == set(FAMILIES)  # exactly one member held out per family, siblings remain
-    for name in HELD_OUT:
-        family, param = TASK_FAMILIES[name]
-        assert sum(p != param for p in family.params) >= 2
+def test_v1_held_out_split_is_unchanged():
+    assert HELD_OUT == held_out_tasks(1) == ("kind_3", "shift_3", "category_food", "rank_2")
+    assert validation_tasks(1) == ()
+
+
+def test_v2_is_made_for_generalisation():
+    families = [f for f in FAMILIES.values() if f.suite == 2]
+    held, validation = held_out_tasks(2), validation_tasks(2)
+    training = [t for t in SUITES[2] if t not in held + validation]
+    assert len(families) >= 4 and len(training) >= 40 and not set(held) & set(validation)
+    for family in families:
+        members = {family.task_name(p) for p in family.params}
+        assert len(family.params) >= 8 and set(family.held_out) and set(family.validation)
+        assert len({*family.held_out, *family.validation}) < len(family.params) - 6  # siblings remain
+        for param in (*family.held_out, *family.validation):
+            assert param in family.params and family.task_name(param) in members
+            # every word of the parameter is asked by a training member of the family
+            for word in str(param).split("_"):
+                assert any(word in str(p).split("_") for p in family.params
+                           if p not in family.held_out + family.validation), (family.name, param, word)
 
 
 def test_same_seed_same_tasks_other_seed_other_tasks():
@@ -59,6 +71,12 @@ def _instruction(prompt: str) -> str:
     return re.split(r"[:?]", prompt, maxsplit=1)[0]
 
 
+def _param_words(param) -> list[str]:
+    """How a prompt states a parameter: ``3`` as 3 or 3rd, ``not_food`` as "not" and "food"."""
+    return [CATEGORY_PHRASES.get(w, w).split()[-1] if w in CATEGORY_PHRASES else w
+            for w in str(param).split("_") if w not in ("first", "last")]
+
+
 def test_parameter_is_visible_in_conditions(suite):
     for family in FAMILIES.values():
         members = [t for t in suite if t.family == family.name]
@@ -66,7 +84,9 @@ def test_parameter_is_visible_in_conditions(suite):
         for task in members:
             param = TASK_FAMILIES[task.name][1]
             asked = {_instruction(c) for c in task.conditions}
-            assert len(asked) == 1 and re.search(rf"\b{param}(st|nd|rd|th)?\b", asked.pop()), task.name
+            assert len(asked) == 1, task.name
+            question = asked.pop()
+            assert all(re.search(rf"\b{w}(st|nd|rd|th)?\b", question) for w in _param_words(param)), task.name
             instructions.append(_instruction(task.conditions[0]))
         assert len(set(instructions)) == len(members)  # siblings differ exactly in what they ask
 
@@ -88,11 +108,21 @@ def _expected_answer(family: str, param, example):
         numbers = [int(x) for x in texts]
         assert len(set(numbers)) == len(numbers)
         return numbers.index(sorted(numbers)[param - 1])
+    if family in ("word", "either", "anyof"):
+        negated, categories = param.startswith("not_"), param.removeprefix("not_").split("_")
+        hits = [i for i, word in enumerate(texts) if any(word in CATEGORIES[c] for c in categories) != negated]
+        assert len(hits) == 1 and len(set(texts)) == 4
+        return hits[0]
+    if family == "digit":
+        where, digit = param.split("_")
+        hits = [i for i, number in enumerate(texts) if number[0 if where == "first" else -1] == digit]
+        assert len(hits) == 1 and all(10 <= int(x) <= 99 for x in texts)
+        return hits[0]
     raise AssertionError(f"no check for family {family}")
 
 
 def test_answers_follow_from_prompts():
-    tasks = synthetic_suite(SMALL)
+    tasks = synthetic_suite(SMALL, version=1) + synthetic_suite(SMALL, version=2)
     assert {t.family for t in tasks} == set(FAMILIES)
     for task in tasks:
         family, param = TASK_FAMILIES[task.name]
@@ -133,7 +163,7 @@ def test_suite_fits_the_tiny_tokenizer(tiny_model):
     _, tokenizer = tiny_model
     for text in [*WORDS, *CATEGORIES, *LETTERS]:  # inside a list (after a space) and at the start of an answer
         assert len(tokenizer(" " + text).input_ids) == 1 and len(tokenizer(text).input_ids) == 1, text
-    for task in synthetic_suite(SMALL):
+    for task in synthetic_suite(SMALL, version=1) + synthetic_suite(SMALL, version=2):
         longest = max(task.train, key=lambda e: len(e.prompt) + len(e.response))
         chat = [{"role": "system", "content": longest.system}, {"role": "user", "content": longest.prompt},
                 {"role": "assistant", "content": longest.response}]
@@ -145,7 +175,21 @@ def test_bad_requests_raise_data_error(monkeypatch):
         get_synthetic_task("kind_9")
     with pytest.raises(DataError, match="n_conditions=100 exceeds n_train=50"):
         get_synthetic_task("kind_1", SuiteConfig(n_train=50, n_conditions=100))
-    constant = Family("constant", "exact", (1,), 1, lambda k, rng: synthetic._exact("same", "same"))
+    with pytest.raises(DataError, match="unknown synthetic suite version 3"):
+        synthetic_suite(version=3)
+    constant = Family("constant", "exact", (1,), lambda k, rng: synthetic._exact("same", "same"), 2)
     monkeypatch.setitem(TASK_FAMILIES, "constant_1", (constant, 1))
     with pytest.raises(DataError, match="constant_1: fewer than 3 distinct prompts"):
         get_synthetic_task("constant_1", SuiteConfig(n_train=2, n_test=1, n_conditions=1))
+
+
+def test_task_names_expand_to_suites_and_families():
+    from llgbm_ext.teachers.config import TeacherError
+    from llgbm_ext.teachers.tasks import expand_task_names
+
+    assert expand_task_names(["all"], None) == list(SUITES[DEFAULT_SUITE]) == list(SUITES[2])
+    assert expand_task_names(["v1"], None) == list(SUITES[1])
+    assert expand_task_names(["word", "kind_3", "word_food"], None) == [
+        *(f"word_{p}" for p in FAMILIES["word"].params), "kind_3"]
+    with pytest.raises(TeacherError, match="unknown synthetic task 'v3'"):
+        expand_task_names(["v3"], None)

@@ -1,8 +1,9 @@
 """The tasks a teacher run trains on: real DnD task files or the synthetic suite, and where DnD files them.
 
 Task names are as users type them: ``arc_e boolq gsm8k …`` with ``--data-dir`` (DnD's file names come
-from ``data.dnd_format``), or synthetic names (``kind_3``), family names (``kind`` = every member) or
-``all``. DnD keeps one folder of checkpoints per data set, ``data/<family>/<Dataset>/``: real tasks go
+from ``data.dnd_format``), or synthetic names (``kind_3``), family names (``kind`` = every member),
+``v1``/``v2`` (every task of a suite version) or ``all`` (the default suite, v2). DnD keeps one folder
+of checkpoints per data set, ``data/<family>/<Dataset>/``: real tasks go
 under ``common_sense_reasoning`` (multiple choice, True/False) or ``math`` (exact answers) with DnD's
 data set name, synthetic ones under ``synthetic-<family>`` with the task name.
 """
@@ -14,9 +15,10 @@ from pathlib import Path
 
 from ..data.dnd_format import TASKS, load_task, split_paths, task_spec
 from ..data.records import Task
-from ..data.synthetic import FAMILIES, TASK_FAMILIES, SuiteConfig, get_synthetic_task
+from ..data.synthetic import DEFAULT_SUITE, FAMILIES, SUITES, TASK_FAMILIES, SuiteConfig, get_synthetic_task
 from .config import TeacherError
 
+SUITE_NAMES = {f"v{v}": v for v in SUITES}  # --tasks v1: every task of suite v1
 REAL_FAMILIES = {"mc": "common_sense_reasoning", "bool": "common_sense_reasoning", "exact": "math"}
 
 
@@ -40,13 +42,15 @@ def expand_task_names(names: list[str], data_dir: str | None) -> list[str]:
     for name in names:
         if data_dir is None:
             if name == "all":
-                found = list(TASK_FAMILIES)
+                found = list(SUITES[DEFAULT_SUITE])
+            elif name in SUITE_NAMES:
+                found = list(SUITES[SUITE_NAMES[name]])
             elif name in FAMILIES:
                 found = [FAMILIES[name].task_name(p) for p in FAMILIES[name].params]
             elif name in TASK_FAMILIES:
                 found = [name]
             else:
-                raise TeacherError(f"--tasks: unknown synthetic task {name!r}: use all, a family "
+                raise TeacherError(f"--tasks: unknown synthetic task {name!r}: use all (suite v{DEFAULT_SUITE}), v1, v2, a family "
                                    f"({', '.join(FAMILIES)}) or a member such as kind_3")
         elif name == "all":
             found = [s.name for s in TASKS.values() if any(p.is_file() for p in split_paths(data_dir, s, "train"))]

@@ -244,3 +244,19 @@ def test_multitask_lora_trains_on_the_mixture_and_is_cached(teachers, tmp_path, 
                                                    tmp_path / "from_init", progress=False), teacher_set.layout)
     a_keys = [k for k in init if ".lora_A." in k]
     assert max((trained.state_dict[k] - init[k]).abs().max() for k in a_keys) < 1e-3  # one step of lr 2e-3 / 10
+
+
+def test_validation_and_excluded_tasks_are_never_trained_on(teachers):
+    from llgbm_ext.data.teacher_set import load_teacher_set
+    from llgbm_ext.experiments.comparison import _split, training_config
+
+    cfg = ComparisonConfig(teachers=str(teachers), overrides=FAST, validation=(SECOND,), exclude=(THIRD,))
+    for variant in cfg.variants:
+        assert set(training_config(cfg, variant, 0).data.held_out) == {SECOND, THIRD}
+    assert in_distribution_tasks(cfg, load_teacher_set(str(teachers))) == (FIRST,)
+    assert [_split(cfg, t) for t in (FIRST, SECOND)] == ["in-distribution", "validation"]
+    from llgbm_ext.errors import LLGBMError
+    from llgbm_ext.experiments.comparison import train_comparison
+
+    with pytest.raises(LLGBMError, match="needs held-out or validation tasks"):
+        train_comparison(ComparisonConfig(teachers=str(teachers), exclude=(THIRD,)), progress=False)

@@ -5,8 +5,9 @@ Used by ``llgbm demo`` (weight-only vs LLGBM on held-out synthetic tasks) and ``
 λ grids, N, probe sets over several seeds). Every trained run is cached in its own folder and skipped
 when complete, so re-running a comparison only evaluates.
 
-Tasks are evaluated in two splits: ``held-out`` (never seen by the generators) and ``in-distribution``
-(training tasks, by default the first of each family). Measures per adapter and evaluated task t:
+Tasks are evaluated in up to three splits: ``held-out`` (never seen by the generators; reported),
+``validation`` (never seen either; settings are chosen on it) and ``in-distribution`` (training tasks,
+by default the first of each family). Measures per adapter and evaluated task t:
   * accuracy on t's test split (option log-likelihood or exact match, in the teachers' answer format);
   * recovery = (accuracy − base) / (teacher − base) on t: the share of the teacher's gain over the base
     model the adapter gets (0: base, 1: teacher); undefined (NaN) where the teacher is within one test
@@ -42,7 +43,8 @@ from ..teachers.multitask import NAME as MULTITASK
 from ..teachers.multitask import task_format
 
 AUTO = "auto"  # eval_in_distribution: the first training task of each family
-SPLITS = {"held-out": "never seen by the generators", "in-distribution": "generator training tasks"}
+SPLITS = {"held-out": "never seen by the generators", "in-distribution": "generator training tasks",
+          "validation": "never seen by the generators, for choosing settings"}
 MEASURES = ("accuracy", "cos_own", "norm_ratio", "specificity", "top1")
 NOTE = ("recovery: (accuracy − base) / (teacher − base) per task, 0 = base model, 1 = the task's teacher; a "
         "split's value is the mean over its tasks per seed (± std over seeds), leaving out tasks whose teacher is "
@@ -72,6 +74,10 @@ class ComparisonConfig:
         variants: the configurations compared.
         seeds: one training run per variant and seed.
         held_out: tasks left out of generator training and evaluated (leave-one-task-out).
+        validation: tasks left out of generator training too, evaluated in their own split to choose settings
+            on (never on ``held_out``).
+        exclude: tasks left out of generator training and not evaluated (e.g. the held-out tasks while
+            settings are chosen on ``validation``).
         eval_in_distribution: training tasks also evaluated (the ``in-distribution`` split); ``[auto]`` (the
             default) or empty: the first training task of each family in manifest order (a teacher set
             without families: its first training task).
@@ -96,6 +102,8 @@ class ComparisonConfig:
                                      Variant("llgbm", ("loss.mode=multitask",)))
     seeds: tuple[int, ...] = (0,)
     held_out: tuple[str, ...] = ()
+    validation: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     eval_in_distribution: tuple[str, ...] = (AUTO,)
     data_dir: str | None = None
     eval_limit: int | None = 64
@@ -117,6 +125,11 @@ class ComparisonConfig:
             raise LLGBMError(f"variants: {taken!r} names a reference row; give the variant another name")
 
 
+def left_out(cfg: ComparisonConfig) -> tuple[str, ...]:
+    """The tasks no generator trains on: held-out, validation and excluded."""
+    return (*cfg.held_out, *cfg.validation, *cfg.exclude)
+
+
 def run_folder(cfg: ComparisonConfig, name: str, seed: int) -> Path:
     return Path(cfg.out_dir) / "runs" / name / f"seed{seed}"
 
@@ -125,7 +138,7 @@ def training_config(cfg: ComparisonConfig, variant: Variant, seed: int):
     """The TrainingConfig of one (variant, seed) run."""
     from ..training import TrainingConfig
 
-    held_out = "[" + ", ".join(cfg.held_out) + "]"
+    held_out = "[" + ", ".join(left_out(cfg)) + "]"
     overrides = [f"data.teachers={cfg.teachers}", f"data.held_out={held_out}", *cfg.overrides, *variant.overrides,
                  f"seed={seed}", f"generator.seed={seed}", f"out_dir={run_folder(cfg, variant.name, seed)}"]
     return load_config(TrainingConfig, cfg.training, overrides)
@@ -223,7 +236,7 @@ def in_distribution_tasks(cfg: ComparisonConfig, teachers: TeacherSet) -> tuple[
         return cfg.eval_in_distribution
     first: dict[str, str] = {}
     for task, info in teachers.tasks.items():
-        if task not in cfg.held_out:
+        if task not in left_out(cfg):
             family = info.get("family") or (TASK_FAMILIES[task][0].name if task in TASK_FAMILIES else "")
             first.setdefault(family, task)
     return tuple(first.values())
@@ -288,7 +301,7 @@ def build_evaluator(cfg: ComparisonConfig, progress: bool = True) -> Evaluator:
     deltas = cached_teacher_deltas(computer, cache, delta_context(computer, teachers.model_name, model_dir),
                                    [e.path for e in teachers.entries], [e.task for e in teachers.entries],
                                    progress=progress)
-    names = list(dict.fromkeys([*cfg.held_out, *cfg.eval_in_distribution]))
+    names = list(dict.fromkeys([*cfg.held_out, *cfg.validation, *cfg.eval_in_distribution]))
     tasks = {name: evaluation_task(name, cfg.data_dir) for name in names}
     return Evaluator(cfg, teachers, model, tokenizer, computer, deltas.float().cpu(), tasks, progress)
 
@@ -298,7 +311,7 @@ def train_multitask_loras(cfg: ComparisonConfig, evaluator: Evaluator) -> dict[i
     from ..teachers.multitask import multitask_config, train_multitask_lora
 
     ev = evaluator
-    training = [t for t in ev.teachers.task_names() if t not in cfg.held_out]
+    training = [t for t in ev.teachers.task_names() if t not in left_out(cfg)]
     return {seed: train_multitask_lora(ev.model, ev.tokenizer, ev.teachers,
                                        multitask_config(ev.teachers, training, cfg.multitask_lora_steps,
                                                         cfg.multitask_lora_batch, seed),
@@ -376,7 +389,7 @@ def evaluate(cfg: ComparisonConfig, runs: dict[tuple[str, int], Path], evaluator
 
 
 def _split(cfg: ComparisonConfig, task: str) -> str:
-    return "held-out" if task in cfg.held_out else "in-distribution"
+    return "held-out" if task in cfg.held_out else "validation" if task in cfg.validation else "in-distribution"
 
 
 def add_recovery(rows: list[dict]) -> list[dict]:
@@ -504,13 +517,15 @@ def write_report(cfg: ComparisonConfig, rows: list[dict], summary: list[dict],
     write_text(out / "results.csv", "\n".join(csv) + "\n")
     undefined = [r["task"] for r in rows if r["model"] == "teacher" and math.isnan(r["recovery"])]
     report = ["# Comparison", "", f"Teachers: `{cfg.teachers}`; held-out tasks: {', '.join(cfg.held_out) or '–'}; "
+              f"validation tasks: {', '.join(cfg.validation) or '–'}; "
               f"in-distribution tasks: {', '.join(cfg.eval_in_distribution) or '–'}; "
               f"seeds: {', '.join(map(str, cfg.seeds))}.", "", NOTE, "",
               "Recovery undefined (teacher within one test example of the base model): "
               f"{', '.join(undefined) or 'none'}.", "", "Generators:", ""]
     report += [f"- `{v.name}`: {v.description or 'overrides'} (`{' '.join(v.overrides) or 'defaults'}`)"
                for v in cfg.variants]
-    for split, title in (("held-out", "Held-out tasks"), ("in-distribution", "In-distribution tasks")):
+    for split, title in (("held-out", "Held-out tasks"), ("in-distribution", "In-distribution tasks"),
+                         ("validation", "Validation tasks")):
         if any(r["split"] == split for r in rows):
             report += ["", f"## {title}", "", markdown_table(summary, split), "",
                        "Per task: accuracy % (recovery), mean over seeds.", "", task_table(rows, split)]
@@ -536,8 +551,9 @@ def plot_summary(summary: list[dict], path: Path) -> Path | None:
 
     models = list(dict.fromkeys(e["model"] for e in summary))
     colours = dict(zip(models, plt.cm.tab10(np.arange(len(models)) % 10)))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-    for ax, split in zip(axes, SPLITS):
+    splits = [s for s in SPLITS if any(e["split"] == s for e in summary)] or list(SPLITS)[:2]
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 3.8), sharey=True, squeeze=False)
+    for ax, split in zip(axes[0], splits):
         entries = [e for e in summary if e["split"] == split and "recovery" in e]
         if not entries:
             ax.text(0.5, 0.5, "recovery undefined on every task", ha="center", transform=ax.transAxes)
@@ -557,8 +573,8 @@ def plot_summary(summary: list[dict], path: Path) -> Path | None:
 def train_comparison(cfg: ComparisonConfig, progress: bool = True):
     """Everything a comparison trains: the generator runs, then (with the evaluator that holds the base
     model) the multitask LoRAs. Returns (runs, evaluator, multitask LoRAs); cached runs are reused."""
-    if not cfg.held_out:
-        raise LLGBMError("a comparison needs held-out tasks to evaluate (held_out)")
+    if not cfg.held_out + cfg.validation:
+        raise LLGBMError("a comparison needs held-out or validation tasks to evaluate (held_out, validation)")
     runs = train_runs(cfg, progress)
     evaluator = build_evaluator(cfg, progress)
     multitask = train_multitask_loras(evaluator.cfg, evaluator) if cfg.multitask_lora else {}

@@ -1,5 +1,6 @@
 """``llgbm demo --quick`` end to end (the CI smoke test of the README's main job), and its caching."""
 
+import importlib.util
 import json
 
 import pytest
@@ -43,13 +44,22 @@ def test_quick_demo_runs_every_stage(quick_demo, capsys):
     assert (out / "report.md").is_file() and "## In-distribution tasks" in (out / "report.md").read_text()
     csv_header = (out / "results.csv").read_text().splitlines()[0]
     assert "recovery" in csv_header and "norm_ratio" in csv_header
-    png = out / "comparison.png"
-    assert not png.exists() or png.read_bytes()[:8] == PNG
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+
+
+def test_quick_demo_draws_its_plots(quick_demo):
+    """The comparison and each generator run's loss curves (drawn at its last checkpoint), wherever
+    matplotlib is installed (``bash scripts/setup.sh`` installs it)."""
+    out, code = quick_demo
+    assert code == 0
+    plots = [out / "comparison.png"] + [out / "runs" / v / "seed0" / "loss_curves.png" for v in ("weight_only", "llgbm")]
+    if importlib.util.find_spec("matplotlib") is None:
+        assert not any(png.exists() for png in plots)
         return
-    assert png.is_file()  # matplotlib is installed: the plot must be there
+    for png in plots:  # matplotlib is installed: every plot must be there
+        assert png.is_file() and png.read_bytes()[:8] == PNG, png
+    for variant in ("weight_only", "llgbm"):
+        run = out / "runs" / variant / "seed0"
+        assert (run / "loss_curves.png").stat().st_mtime_ns >= (run / "metrics.jsonl").stat().st_mtime_ns
 
 
 def test_second_run_reuses_every_stage(quick_demo, capsys):

@@ -46,7 +46,12 @@ def test_ablation_configs_load_every_variant(path):
     from llgbm_ext.experiments.comparison import ComparisonConfig, training_config
 
     cfg = load_config(ComparisonConfig, path)
-    assert cfg.held_out and len(cfg.seeds) >= 3
+    assert (cfg.held_out or cfg.validation) and len(cfg.seeds) >= 3
+    if cfg.validation:  # settings are chosen there: the suite's held-out tasks are neither trained on nor seen
+        from llgbm_ext.data.synthetic import held_out_tasks, validation_tasks
+
+        assert set(cfg.exclude) == set(held_out_tasks(2)) and set(cfg.validation) == set(validation_tasks(2))
+        assert not cfg.held_out
     for variant in cfg.variants:
         tcfg = training_config(cfg, variant, cfg.seeds[0])  # every override names a real key with a valid value
         assert tcfg.out_dir.endswith(f"{variant.name}/seed{cfg.seeds[0]}")

@@ -22,7 +22,7 @@ def run(args) -> int:
     cfg = load_config(ComparisonConfig, args.config, args.overrides)
     if not (Path(cfg.teachers) / "manifest.json").is_file():
         raise LLGBMError(f"{cfg.teachers}: no teacher set; create it first (`llgbm demo` writes runs/demo/teachers, "
-                         "or `llgbm teachers ... --out DIR`)")
+                         "`llgbm demo --v1` runs/demo-v1/teachers, or `llgbm teachers ... --out DIR`)")
     rows, summary = run_comparison(cfg, progress=not args.no_progress)
     print(split_tables(rows, summary))
     print(f"\n{cfg.out_dir}: results.csv, results.json, report.md, comparison.png")

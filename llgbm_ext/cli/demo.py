@@ -1,4 +1,4 @@
-"""``llgbm demo [--quick | --real]``: the README's main job (experiments/demo.py), with a printed comparison."""
+"""``llgbm demo [--quick | --real | --v1]``: the README's main job (experiments/demo.py), with a printed comparison."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ def register(sub, common) -> None:
     size.add_argument("--real", action="store_true",
                       help="SmolLM2-135M and the offline commonsense sets, leave-one-out ARC-e "
                            "(under an hour on 2 cores)")
-    p.add_argument("--out", help="output folder (default runs/demo, runs/demo-quick or runs/demo-real)")
+    size.add_argument("--v1", action="store_true",
+                      help="the earlier default on synthetic suite v1 (13 tasks), to reproduce earlier results")
+    p.add_argument("--out", help="output folder (default runs/demo, runs/demo-quick, runs/demo-real or runs/demo-v1)")
     p.add_argument("--seed", type=int, default=0, help="seed of teachers and generators (default 0)")
     p.add_argument("--threads", type=int, help="torch CPU threads of this process (default: torch's choice)")
     p.add_argument("--workers", type=positive_int, help="processes that train generators, one thread each "
@@ -22,12 +24,12 @@ def register(sub, common) -> None:
     p.set_defaults(func=run)
 
 
-def teacher_table(rows: list[dict], held_out: tuple[str, ...]) -> str:
-    """Base vs teacher accuracy per task (held-out tasks marked)."""
+def teacher_table(rows: list[dict], held_out: tuple[str, ...], validation: tuple[str, ...] = ()) -> str:
+    """Base vs teacher accuracy per task (held-out and validation tasks marked)."""
     lines = ["| task | base % | teacher % |", "|---|---:|---:|"]
     for row in rows:
         if "teacher_accuracy" in row:
-            mark = " (held out)" if row["task"] in held_out else ""
+            mark = " (held out)" if row["task"] in held_out else " (validation)" if row["task"] in validation else ""
             base, teacher = 100 * row["base_accuracy"], 100 * row["teacher_accuracy"]
             lines.append(f"| {row['task']}{mark} | {base:.1f} | {teacher:.1f} |")
     return "\n".join(lines)
@@ -41,15 +43,16 @@ def run(args) -> int:
     from ..experiments.comparison import split_tables
     from ..experiments.demo import PLANS, run_demo
 
-    name = "real" if args.real else "quick" if args.quick else "default"
-    out = args.out or {"default": "runs/demo", "quick": "runs/demo-quick", "real": "runs/demo-real"}[name]
+    name = "real" if args.real else "quick" if args.quick else "v1" if args.v1 else "default"
+    out = args.out or {"default": "runs/demo", "quick": "runs/demo-quick", "real": "runs/demo-real",
+                       "v1": "runs/demo-v1"}[name]
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = PLANS[name]
     workers = args.workers or min(len(os.sched_getaffinity(0)), 2 * plan.seeds)
     result = run_demo(plan, out, seed=args.seed, progress=not args.no_progress, workers=workers)
     print("\nTeachers (test accuracy, the format they were trained in):\n")
-    print(teacher_table(result.teacher_rows, plan.held_out))
+    print(teacher_table(result.teacher_rows, plan.held_out, plan.validation))
     print()
     print(f"LLGBM here is: {plan.llgbm.description}.\n")
     print(split_tables(result.rows, result.summary))

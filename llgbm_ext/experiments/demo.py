@@ -28,7 +28,7 @@ from .comparison import AUTO, ComparisonConfig, Variant, report_comparison, trai
 # The generator recipe of configs/tiny.yaml; the variants differ only in loss.mode and loss.signals.
 TINY_TRAINING = (
     "batch_size=8", "loss.weight_loss=token", "loss.lambda_weight=1.0", "loss.lambda_delta=1.0", "loss.lambda_kl=1.0",
-    "loss.delta_kind=nmse", "delta.probes=generic", "kl.examples=64", "kl.per_step=4", "kl.top_k=32",
+    "loss.delta_kind=nmse", "delta.probes=generic", "kl.examples=64", "kl.per_step=2", "kl.top_k=32",
     "optim.lr=0.003", "optim.offset_lr=0.03", "optim.weight_decay=0.01", "optim.warmup_steps=20",
     "generator.kind=hyperconv", "generator.num_prompts=8", "generator.max_length=16", "generator.embed_dim=384",
     "generator.features=[[16, 8, 32]]", "generator.shared_offset=true", "generator.prior=teacher_init",
@@ -36,7 +36,7 @@ TINY_TRAINING = (
 )
 # LLGBM on the embedded default: DnD's token loss plus the KL of next-token distributions at the
 # answers of each task's training inputs (the best signal of configs/ablations/signals.yaml on the
-# in-distribution tasks).
+# in-distribution tasks; two inputs per adapter and step, chosen on suite v2's validation members).
 TINY_LLGBM = Variant("llgbm", ("loss.mode=multitask", "loss.signals=[kl]"),
                      "DnD's token MSE + KL to the teacher's next-token distributions on the task's training inputs")
 WEIGHT_ONLY = Variant("weight_only", ("loss.mode=weight_only",), "DnD's token MSE alone (the DnD baseline)")
@@ -105,8 +105,9 @@ PLANS: dict[str, DemoPlan] = {
     # members, 3 seeds.
     "default": DemoPlan(
         base_model="tiny", tasks=SUITES[2], held_out=held_out_tasks(2), validation=validation_tasks(2),
-        teacher=dict(warmup_steps=60, snapshot_every=5, snapshots=8, max_length=64, eval_limit=64, tasks_per_group=64),
-        training=TINY_TRAINING + ("steps=500", "save_every=500"),
+        teacher=dict(warmup_steps=60, snapshot_every=5, snapshots=8, batch_size=4, max_length=64, eval_limit=64,
+                     tasks_per_group=64),
+        training=TINY_TRAINING + ("steps=500", "save_every=500"), multitask_lora_steps=300, samples=1,
         eval_in_distribution=_first_and_last_trained(SUITES[2], V2_LEFT_OUT)),
     # The default of earlier releases: three families of suite v1 (13 tasks), one held-out member each. The
     # shift family is left out: its teachers stay at 0% accuracy within this budget (measured).

@@ -53,5 +53,6 @@ def dnd_available() -> bool:
 
 requires_dnd = pytest.mark.skipif(
     not dnd_available(),
-    reason="dnd_repo/workspace is not populated (CI cannot reach GitHub); see README 'Testing against DnD'",
+    reason="dnd_repo/workspace is not populated (scripts/fetch_dnd.sh fills it from a DnD snapshot); "
+           "see README 'Testing against DnD'",
 )

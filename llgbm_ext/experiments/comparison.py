@@ -83,6 +83,8 @@ class ComparisonConfig:
             without families: its first training task).
         data_dir: DnD-format task folder for non-synthetic tasks' test splits.
         eval_limit: test examples per task (None: all).
+        held_out_limit: test examples per held-out task (None: ``eval_limit``), so the reported tasks can
+            be measured on more examples than the in-distribution and validation ones.
         samples: adapters generated per task (each from another draw of its prompts).
         controls: evaluate mismatched-prompt and random-prompt adapters for these variants.
         workers: train the runs in this many processes of one torch thread each (1: in this process).
@@ -107,6 +109,7 @@ class ComparisonConfig:
     eval_in_distribution: tuple[str, ...] = (AUTO,)
     data_dir: str | None = None
     eval_limit: int | None = 64
+    held_out_limit: int | None = None
     samples: int = 2
     controls: tuple[str, ...] = ("llgbm",)
     probes: str = "generic"
@@ -120,6 +123,8 @@ class ComparisonConfig:
         for name in ("multitask_lora_steps", "multitask_lora_batch", "workers"):
             if getattr(self, name) < 1:
                 raise LLGBMError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.held_out_limit is not None and self.held_out_limit < 1:
+            raise LLGBMError(f"held_out_limit must be at least 1 (or null), got {self.held_out_limit}")
         taken = next((v.name for v in self.variants if v.name in ("base", "teacher", MULTITASK)), None)
         if taken:
             raise LLGBMError(f"variants: {taken!r} names a reference row; give the variant another name")
@@ -262,7 +267,10 @@ class Evaluator:
 
         scoring = ScoringConfig(fmt=task_format(self.teachers, task), progress=False)
         adapters = None if factors is None else AdapterBatch(self.computer.lora, factors)
-        results = evaluate_task(self.model, self.tokenizer, self.tasks[task], scoring, adapters, limit=self.cfg.eval_limit)
+        limit = self.cfg.eval_limit
+        if task in self.cfg.held_out and self.cfg.held_out_limit is not None:
+            limit = self.cfg.held_out_limit
+        results = evaluate_task(self.model, self.tokenizer, self.tasks[task], scoring, adapters, limit=limit)
         return [r.accuracy for r in results], results[0].total
 
     def deltas(self, factors: LoraFactors) -> torch.Tensor:

@@ -166,6 +166,30 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Held-out recovery during training (``training.validation``), to see when and whether a run fails.
+
+    Attributes:
+        every: every N steps (and after the last), generate one adapter per task of ``tasks`` from its
+            condition prompts, score it and log ``val/accuracy/<task>`` and ``val/recovery/<task>``
+            (0: off; so is an empty ``tasks``). It never changes the trained weights.
+        tasks: tasks left out of training (``data.held_out``) with teachers in ``data.teachers``: the
+            validation tasks, never the ones results are reported on.
+        limit: test examples scored per task.
+        data_dir: DnD-format task folder for non-synthetic tasks' test splits.
+    """
+
+    every: int = 0
+    tasks: tuple[str, ...] = ()
+    limit: int = 32
+    data_dir: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0 and bool(self.tasks)
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     """A generator training run.
 
@@ -177,6 +201,7 @@ class TrainingConfig:
         mixed_precision: ``no`` or ``bf16`` (autocast; GPU).
         device: ``auto`` (accelerate's choice), ``cpu`` or ``cuda``.
         save_every: checkpoint every N steps (and at the end); keep_checkpoints: how many to keep.
+        eval: held-out recovery logged during training (``EvalConfig``).
     """
 
     out_dir: str = "runs/train"
@@ -195,6 +220,7 @@ class TrainingConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "save_every", "keep_checkpoints"):
@@ -219,6 +245,11 @@ class TrainingConfig:
         for name in ("examples", "per_step", "top_k", "max_length"):
             if getattr(self.kl, name) < 1:
                 raise TrainingConfigError(f"kl.{name} must be positive, got {getattr(self.kl, name)}")
+        if self.eval.every < 0 or self.eval.limit < 1:
+            raise TrainingConfigError(f"eval.every must be >= 0 and eval.limit positive, got {self.eval.every} and "
+                                      f"{self.eval.limit}")
+        if len(set(self.eval.tasks)) != len(self.eval.tasks):
+            raise TrainingConfigError(f"eval.tasks must be distinct, got {list(self.eval.tasks)}")
         if self.kl.per_step > self.kl.examples:
             raise TrainingConfigError(f"kl.per_step ({self.kl.per_step}) exceeds kl.examples ({self.kl.examples})")
         if self.encoder.max_length != self.generator.max_length and self.generator.kind == "hyperconv":

@@ -15,7 +15,8 @@ DeepSpeed ZeRO-1/2/3 (``training.distributed``), bf16 autocast on GPU; every pro
 global batch schedule on its slice of each batch, and the logged values are means over the
 processes (the global batch's). Checkpoints hold everything an exact resume needs; metrics go to
 ``metrics.jsonl`` (every loss component, grad norm, lr, step time, base-model forwards) and
-``loss_curves.png``.
+``loss_curves.png``; with ``eval.every``, recovery on left-out tasks too (``training.validation``,
+``recovery_curves.png``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from .data import StepBatches, batch_loader
 from .distributed import (
     configure_deepspeed, gathered_weights, make_accelerator, whole_models, zero_stage,
 )
-from .plots import plot_metrics
+from .plots import plot_metrics, plot_recovery
 
 
 class DivergedError(LLGBMError):
@@ -115,14 +116,16 @@ class WarmupCosine:
 def config_digest(cfg: TrainingConfig) -> str:
     """Digest of everything that must not change when a run is resumed (all but steps and intervals)."""
     data = to_dict(cfg)
-    for key in ("steps", "save_every", "keep_checkpoints", "out_dir"):
+    for key in ("steps", "save_every", "keep_checkpoints", "out_dir", "eval"):
         data.pop(key)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Settings a resume may change: they change when and where results are written, not what is computed
-# (each step's batch is a function of (seed, step), whatever the loader's workers). ``steps`` may grow.
-RESUME_MAY_CHANGE = ("steps", "save_every", "keep_checkpoints", "out_dir", "data.num_workers")
+# (each step's batch is a function of (seed, step), whatever the loader's workers; the evaluation draws
+# no random numbers). ``steps`` may grow.
+RESUME_MAY_CHANGE = ("steps", "save_every", "keep_checkpoints", "out_dir", "data.num_workers", "eval.every",
+                     "eval.tasks", "eval.limit", "eval.data_dir")
 
 
 def resume_settings(cfg: TrainingConfig) -> dict:
@@ -151,6 +154,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.start_step = 0
         self.base_forwards = 0
+        self.base: tuple | None = None  # (frozen base model, tokenizer) once loaded
 
     # --- setup ----------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -167,6 +171,12 @@ class Trainer:
         teachers = load_teacher_set(cfg.data.teachers)
         include = list(cfg.data.tasks) if cfg.data.tasks is not None else None
         self.teachers = teachers.select(include=include, exclude=list(cfg.data.held_out))
+        if cfg.eval.enabled:
+            from .validation import check_eval_tasks
+
+            check_eval_tasks(cfg.eval, teachers, self.teachers.task_names())
+            if self.zero_stage == 3:
+                raise LLGBMError("eval.every: the evaluation needs whole weights; set eval.every=0 under ZeRO-3")
         self.layout = self.teachers.layout
         self.batches = StepBatches(  # this process's slice of every step's global batch
             self.teachers, cfg.batch_size, cfg.generator.num_prompts, cfg.seed,
@@ -197,6 +207,7 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(self.trainable, self.optimizer)
         # under ZeRO, the engine's partitioned optimizer around our AdamW (whose lr the scheduler sets)
         self.zero_optimizer = self.optimizer.optimizer if self.zero_stage else None
+        self.validator = self._validator(teachers)
         # the condition / target noise: seeded after all setup, which may draw (building a model does)
         torch.manual_seed(cfg.seed + acc.process_index)
         if checkpoint is not None:
@@ -209,6 +220,22 @@ class Trainer:
                     "tasks": self.teachers.task_names(), "held_out": list(cfg.data.held_out)}
             write_text(self.out / RUN_INFO, json.dumps(info, indent=1) + "\n")
         return self
+
+    def _validator(self, teachers):
+        """The evaluation of ``eval.tasks`` (main process; None when off), on the signals' base model if any."""
+        cfg = self.cfg
+        if not (cfg.eval.enabled and self.accelerator.is_main_process):
+            return None
+        from ..models.registry import load_base_model, resolve_base_model
+        from .validation import Validator
+
+        if self.base is None:
+            self.base = load_base_model(resolve_base_model(teachers.model_name), dtype=cfg.dtype, device=self.device)
+        model, tokenizer = self.base
+        self.encoder.encode([p for task in cfg.eval.tasks for p in teachers.prompts(task)],
+                            cfg.generator.condition_level)
+        self.out.mkdir(parents=True, exist_ok=True)
+        return Validator(cfg.eval, teachers, model, tokenizer, cfg.generator.num_prompts, cfg.seed, self.out)
 
     def _generator(self) -> nn.Module:
         """The generator; with ``generator.prior=teacher_init`` its prior is the teachers' shared initial adapter."""
@@ -269,6 +296,7 @@ class Trainer:
         cfg, d = self.cfg, self.cfg.delta
         model_dir = resolve_base_model(self.teachers.model_name)
         model, tokenizer = load_base_model(model_dir, dtype=cfg.dtype, device=self.device)
+        self.base = (model, tokenizer)
         if d.gradient_checkpointing:
             from ..delta.functional import enable_gradient_checkpointing
 
@@ -376,10 +404,19 @@ class Trainer:
                 self._append_metrics(logs)
                 bar.set_postfix(loss=f"{logs['loss']:.4g}")
             bar.update(1)
+            if self.validator is not None and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.steps):
+                self._evaluate(step)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 self.save(step + 1)
         bar.close()
         return last
+
+    def _evaluate(self, step: int) -> None:
+        """Log the eval tasks' accuracy and recovery after ``step`` (a row of its own in metrics.jsonl)."""
+        started = time.perf_counter()
+        logs = self.validator(self.trainable.generator, self.encoder, self.cfg.generator.condition_level, self.device)
+        self.model.train()
+        self._append_metrics({"step": step, **logs, "eval_time": time.perf_counter() - started})
 
     def _clip_gradients(self) -> float:
         """Clip to ``optim.max_grad_norm`` (0: no clipping); the gradient norm before clipping."""
@@ -405,7 +442,9 @@ class Trainer:
             save_checkpoint(self.out, step, weights, optimizer_state, self.scheduler.state_dict(), self.digest,
                             processes=acc.num_processes, zero_stage=self.zero_stage, keep=self.cfg.keep_checkpoints,
                             settings=self.settings)
-            plot_metrics(self._read_metrics(), self.out / "loss_curves.png")
+            records = self._read_metrics()
+            plot_metrics([r for r in records if "loss" in r], self.out / "loss_curves.png")
+            plot_recovery(records, self.out / "recovery_curves.png")
         acc.wait_for_everyone()
 
     def _append_metrics(self, logs: dict) -> None:

@@ -97,3 +97,32 @@ def test_eval_settings_leave_the_resume_digest_alone(teachers):
     assert config_digest(cfgs[0]) == config_digest(cfgs[1]) and resume_settings(cfgs[0]) == resume_settings(cfgs[1])
     with pytest.raises(LLGBMError, match="eval.every"):
         load_config(TrainingConfig, None, ["eval.every=-1"])
+
+
+def test_comparison_names_the_nearest_teacher_and_logs_validation_recovery(teachers, tmp_path):
+    from llgbm_ext.experiments.comparison import ComparisonConfig, Variant, run_comparison
+
+    cfg = ComparisonConfig(teachers=str(teachers), overrides=(*FAST, "eval.every=2", "eval.limit=4"),
+                           variants=(Variant("weight_only", ("loss.mode=weight_only",)),), validation=("word_not_animal",),
+                           eval_limit=4, samples=2, controls=(), multitask_lora=False, out_dir=str(tmp_path))
+    rows, _ = run_comparison(cfg, progress=False)
+    teacher = {r["task"]: r["nearest"] for r in rows if r["model"] == "teacher"}
+    assert teacher == {"word_not_animal": "word_not_animal", "word_food": "word_food"}  # a teacher is nearest its task
+    assert all(r["nearest"] in TASKS for r in rows if r["model"] == "weight_only")
+    csv = (tmp_path / "results.csv").read_text().splitlines()
+    column = csv[0].split(",").index("nearest")
+    assert {line.split(",")[column] for line in csv[1:] if line.startswith("teacher,")} == set(teacher)
+    report = (tmp_path / "report.md").read_text()
+    assert "| teacher | **word_not_animal** |" in report
+    metrics = (tmp_path / "runs" / "weight_only" / "seed0" / "metrics.jsonl").read_text()
+    assert "val/recovery/word_not_animal" in metrics  # the comparison evaluates its validation split during training
+
+
+def test_nearest_table_takes_the_most_frequent_task_over_seeds():
+    from llgbm_ext.experiments.comparison import most_frequent, nearest_table
+
+    rows = [{"model": "m", "seed": s, "task": "a", "split": "validation", "nearest": n}
+            for s, n in enumerate(["b", "a", "b"])]
+    rows += [{"model": "m", "seed": 0, "task": "c", "split": "validation", "nearest": "c"}]
+    assert nearest_table(rows, "validation").splitlines()[2] == "| m | b | **c** |"
+    assert most_frequent(["x", "y", "y", "x"]) == "x" and most_frequent(["x", "y", "y"]) == "y"

@@ -14,7 +14,9 @@ by default the first of each family). Measures per adapter and evaluated task t:
     example of the base model, since there is no gain to recover;
   * Δ cosine to t's teachers (mean Δ of t's snapshots), the mean cosine to the other tasks' teachers,
     specificity = their difference, top-1 (nearest teacher task is t), and the norm ratio |Δ| / |Δ of
-    t's teachers| (a cosine says nothing about how far an adapter moves the model).
+    t's teachers| (a cosine says nothing about how far an adapter moves the model);
+  * nearest: the task whose teachers' mean Δ is nearest by cosine (what top-1 checks; for several sampled
+    adapters, the most frequent one): when an adapter fails, whose behaviour it has instead.
 Reference rows: the base model, the teachers themselves (last snapshot of each task) and the multitask
 LoRA baseline (one LoRA trained on all training tasks, per seed; ``teachers.multitask``). Controls:
 adapters generated from another task's prompts ("mismatched") and from random word lists ("random").
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -144,7 +147,9 @@ def training_config(cfg: ComparisonConfig, variant: Variant, seed: int):
     from ..training import TrainingConfig
 
     held_out = "[" + ", ".join(left_out(cfg)) + "]"
-    overrides = [f"data.teachers={cfg.teachers}", f"data.held_out={held_out}", *cfg.overrides, *variant.overrides,
+    validation = [f"eval.tasks=[{', '.join(cfg.validation)}]"] if cfg.validation else []  # logged at eval.every
+    overrides = [f"data.teachers={cfg.teachers}", f"data.held_out={held_out}", *validation, *cfg.overrides,
+                 *variant.overrides,
                  f"seed={seed}", f"generator.seed={seed}", f"out_dir={run_folder(cfg, variant.name, seed)}"]
     return load_config(TrainingConfig, cfg.training, overrides)
 
@@ -279,7 +284,8 @@ class Evaluator:
             return self.computer.deltas(factors).cpu()
 
     def behaviour(self, tasks: list[str], deltas: torch.Tensor) -> list[dict]:
-        """Δ cosine / specificity / top-1 / norm ratio of N adapters (``deltas`` (N, H)) meant for ``tasks``."""
+        """Δ cosine / specificity / top-1 / norm ratio / nearest teacher task of N adapters (``deltas`` (N, H))
+        meant for ``tasks``."""
         from ..eval.behaviour import delta_specificity, task_means
 
         labels = [e.task for e in self.teachers.entries]
@@ -287,7 +293,7 @@ class Evaluator:
         names, means = task_means(self.teacher_deltas, labels)
         ratios = deltas.float().norm(dim=1) / means[[names.index(t) for t in tasks]].norm(dim=1)
         return [{"cos_own": a.cos_own, "cos_others": a.cos_others, "specificity": a.specificity, "top1": float(a.top1),
-                 "norm_ratio": float(r)} for a, r in zip(report.adapters, ratios)]
+                 "norm_ratio": float(r), "nearest": a.nearest_task} for a, r in zip(report.adapters, ratios)]
 
 
 def build_evaluator(cfg: ComparisonConfig, progress: bool = True) -> Evaluator:
@@ -381,7 +387,8 @@ def evaluate(cfg: ComparisonConfig, runs: dict[tuple[str, int], Path], evaluator
                 block = slice(i * cfg.samples, (i + 1) * cfg.samples)
                 accuracies, examples = ev.accuracy(task, {p: (a[block], b[block]) for p, (a, b) in factors.items()})
                 add(label, seed, task, statistics.fmean(accuracies), examples,
-                    {key: statistics.fmean(m[key] for m in measures[block]) for key in measures[0]})
+                    {key: most_frequent([m[key] for m in measures[block]]) if key == "nearest"
+                     else statistics.fmean(m[key] for m in measures[block]) for key in measures[0]})
                 bar.update(1)
     if multitask:  # the seeds' adapters together: one Δ each, measured against every task
         seeds = list(multitask)
@@ -394,6 +401,11 @@ def evaluate(cfg: ComparisonConfig, runs: dict[tuple[str, int], Path], evaluator
             bar.update(1)
     bar.close()
     return add_recovery(rows)
+
+
+def most_frequent(values: list[str]) -> str:
+    """The most frequent value (ties: the first of them to appear)."""
+    return Counter(values).most_common(1)[0][0]
 
 
 def _split(cfg: ComparisonConfig, task: str) -> str:
@@ -488,6 +500,25 @@ def task_table(rows: list[dict], split: str = "held-out") -> str:
     return "\n".join(lines)
 
 
+def nearest_table(rows: list[dict], split: str = "held-out") -> str:
+    """Per model (rows) and task (columns) of one split: the teacher task nearest to the model's Δ (the most
+    frequent over seeds; bold where it is the task itself)."""
+    cells: dict[str, dict[str, list[str]]] = {}
+    for row in (r for r in rows if r["split"] == split and r.get("nearest")):
+        cells.setdefault(row["model"], {}).setdefault(row["task"], []).append(row["nearest"])
+    tasks = list(dict.fromkeys(r["task"] for r in rows if r["split"] == split))
+
+    def cell(task: str, nearest: list[str] | None) -> str:
+        if not nearest:
+            return "–"
+        name = most_frequent(nearest)
+        return f"**{name}**" if name == task else name
+
+    lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines += [f"| {model} | " + " | ".join(cell(t, by_task.get(t)) for t in tasks) + " |" for model, by_task in cells.items()]
+    return "\n".join(lines)
+
+
 def split_tables(rows: list[dict], summary: list[dict]) -> str:
     """Both splits' summary tables, each under a line naming its tasks, and what the measures mean."""
     parts = []
@@ -519,8 +550,8 @@ def write_report(cfg: ComparisonConfig, rows: list[dict], summary: list[dict],
     out.mkdir(parents=True, exist_ok=True)
     results = {"config": to_dict(cfg), "rows": rows, "summary": summary, "diverged": list(diverged)}
     write_text(out / "results.json", json.dumps(_json_ready(results), indent=1, default=str) + "\n")
-    keys = ["model", "seed", "task", "split", "accuracy", "cos_own", "cos_others", "specificity", "top1", "recovery",
-            "norm_ratio"]
+    keys = ["model", "seed", "task", "split", "accuracy", "cos_own", "cos_others", "specificity", "top1", "nearest",
+            "recovery", "norm_ratio"]
     csv = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) for r in rows]
     write_text(out / "results.csv", "\n".join(csv) + "\n")
     undefined = [r["task"] for r in rows if r["model"] == "teacher" and math.isnan(r["recovery"])]
@@ -536,7 +567,9 @@ def write_report(cfg: ComparisonConfig, rows: list[dict], summary: list[dict],
                          ("validation", "Validation tasks")):
         if any(r["split"] == split for r in rows):
             report += ["", f"## {title}", "", markdown_table(summary, split), "",
-                       "Per task: accuracy % (recovery), mean over seeds.", "", task_table(rows, split)]
+                       "Per task: accuracy % (recovery), mean over seeds.", "", task_table(rows, split), "",
+                       ("Nearest teacher: per task, the teacher task nearest to the model's Δ by cosine (most "
+                        "frequent over seeds; bold: the task itself)."), "", nearest_table(rows, split)]
     if diverged:
         report += ["", f"Diverged (non-finite loss; left out of the tables): {', '.join(diverged)}."]
     write_text(out / "report.md", "\n".join(report) + "\n")

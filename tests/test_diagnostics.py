@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from fake_teachers import write_fake_teachers
 from safetensors.torch import load_file
 
-from fake_teachers import write_fake_teachers
 from llgbm_ext.config import load_config
 from llgbm_ext.errors import LLGBMError
 from llgbm_ext.training import Trainer, TrainingConfig
@@ -60,11 +60,11 @@ def test_eval_logs_recovery_and_leaves_training_unchanged(mode, teachers, tmp_pa
 
 def test_eval_scores_like_the_comparison(teachers, tmp_path):
     """The cached reference is the base model's and the last teacher snapshot's accuracy, scored as comparisons do."""
+    from llgbm_ext.data.synthetic import get_synthetic_task
+    from llgbm_ext.data.teacher_set import load_teacher_set
     from llgbm_ext.delta.deltas import load_teacher_factors
     from llgbm_ext.delta.functional import FunctionalLoRA
-    from llgbm_ext.data.synthetic import get_synthetic_task
     from llgbm_ext.eval.scoring import AdapterBatch, ScoringConfig, evaluate_task
-    from llgbm_ext.data.teacher_set import load_teacher_set
     from llgbm_ext.models.registry import load_base_model, resolve_base_model
     from llgbm_ext.teachers.multitask import task_format
 
@@ -100,7 +100,11 @@ def test_eval_settings_leave_the_resume_digest_alone(teachers):
 
 
 def test_comparison_names_the_nearest_teacher_and_logs_validation_recovery(teachers, tmp_path):
-    from llgbm_ext.experiments.comparison import ComparisonConfig, Variant, run_comparison
+    from llgbm_ext.experiments.comparison import (
+        ComparisonConfig,
+        Variant,
+        run_comparison,
+    )
 
     cfg = ComparisonConfig(teachers=str(teachers), overrides=(*FAST, "eval.every=2", "eval.limit=4"),
                            variants=(Variant("weight_only", ("loss.mode=weight_only",)),), validation=("word_not_animal",),
@@ -126,3 +130,11 @@ def test_nearest_table_takes_the_most_frequent_task_over_seeds():
     rows += [{"model": "m", "seed": 0, "task": "c", "split": "validation", "nearest": "c"}]
     assert nearest_table(rows, "validation").splitlines()[2] == "| m | b | **c** |"
     assert most_frequent(["x", "y", "y", "x"]) == "x" and most_frequent(["x", "y", "y"]) == "y"
+
+
+def test_recovery_is_the_share_of_the_teachers_gain():
+    from llgbm_ext.training.validation import recovery
+
+    assert recovery(0.5, 0.25, 0.75, 8) == 0.5 and recovery(0.25, 0.25, 0.75, 8) == 0.0
+    assert recovery(0.0, 0.5, 0.25, 8) == 2.0  # a teacher below the base model: the sign follows its gain
+    assert recovery(0.9, 0.5, 0.5 + 1 / 16, 8) is None  # within one of 8 test examples: nothing to recover

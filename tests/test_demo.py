@@ -84,3 +84,114 @@ def test_plans_hold_out_tasks_they_train_teachers_for():
     assert len(default.tasks) - len(default.held_out) - len(default.validation) >= 40 and default.seeds == 3
     assert PLANS["v1"].held_out == ("kind_3", "category_food", "rank_2")  # suite v1's, for its families
     assert set(PLANS["v1"].held_out) < set(HELD_OUT)
+
+
+# --real --hold-out, the held-out evaluation limit and the sampling errors (no SmolLM2 run: plans, fake teachers).
+
+def _demo_args(*argv):
+    from llgbm_ext.cli import build_parser
+
+    return build_parser().parse_args(["demo", *argv])
+
+
+def test_real_demo_holds_out_any_commonsense_task():
+    from pathlib import Path
+
+    from llgbm_ext.cli.demo import plan_and_out
+    from llgbm_ext.experiments.demo import REAL_TASKS, comparison_config
+
+    assert plan_and_out(_demo_args("--real")) == (PLANS["real"], "runs/demo-real")  # ARC-e by default
+    for task in REAL_TASKS:
+        plan, out = plan_and_out(_demo_args("--real", "--hold-out", task))
+        assert plan.held_out == (task,) and plan.tasks == REAL_TASKS and plan.real_data
+        assert out == ("runs/demo-real" if task == "arc_e" else f"runs/demo-real-{task}")
+        cfg = comparison_config(plan, Path(out))
+        assert cfg.held_out == (task,) and cfg.held_out_limit >= 200 and cfg.eval_limit == 32
+        assert cfg.data_dir == str(Path(out) / "data") and cfg.teachers == str(Path(out) / "teachers")
+    plan, out = plan_and_out(_demo_args("--real", "--hold-out", "piqa", "--out", "elsewhere"))
+    assert plan.held_out == ("piqa",) and out == "elsewhere"
+    assert comparison_config(PLANS["quick"], Path("q")).held_out_limit is None  # the other plans as before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hold-out", "boolq"], "--hold-out needs --real"),
+    (["--quick", "--hold-out", "boolq"], "--hold-out needs --real"),
+    (["--real", "--hold-out", "hellaswag"], "--hold-out: unknown task 'hellaswag'"),
+])
+def test_hold_out_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    from llgbm_ext.experiments import demo
+
+    def no_demo(*args, **kwargs):
+        raise AssertionError("the demo started")
+
+    monkeypatch.setattr(demo, "run_demo", no_demo)
+    assert main(["demo", *argv, "--out", str(tmp_path / "demo"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "demo").exists()  # refused before any work
+
+
+def test_held_out_limit_reaches_the_held_out_rows_only(tmp_path):
+    from fake_teachers import write_fake_teachers
+
+    from llgbm_ext.data.synthetic import TASK_FAMILIES
+    from llgbm_ext.errors import LLGBMError
+    from llgbm_ext.experiments.comparison import (
+        ComparisonConfig,
+        build_evaluator,
+        evaluate,
+    )
+
+    first, second, third = list(TASK_FAMILIES)[:3]
+    teachers = write_fake_teachers(tmp_path / "teachers", tasks=(first, second, third))
+    fast = ("encoder.kind=base-model", "encoder.model=tiny", "device=cpu")
+    cfg = ComparisonConfig(teachers=str(teachers), overrides=fast, held_out=(third,), eval_limit=3, held_out_limit=5,
+                           samples=1, controls=(), multitask_lora=False, out_dir=str(tmp_path))
+    rows = evaluate(cfg, {}, build_evaluator(cfg, progress=False))
+    examples = {(r["model"], r["task"]): r["examples"] for r in rows}
+    assert examples == {("base", third): 5, ("teacher", third): 5, ("base", first): 3, ("teacher", first): 3}
+    unset = build_evaluator(ComparisonConfig(teachers=str(teachers), overrides=fast, held_out=(third,), eval_limit=3),
+                            progress=False)
+    assert unset.accuracy(third, None)[1] == 3  # None: the held-out tasks get eval_limit too
+    with pytest.raises(LLGBMError, match="held_out_limit"):
+        ComparisonConfig(held_out=(third,), held_out_limit=0)
+
+
+def test_standard_errors_match_a_hand_computation():
+    import math
+
+    from llgbm_ext.eval.uncertainty import binomial_se, recovery_se
+
+    assert binomial_se(0.6, 200) == pytest.approx(math.sqrt(0.6 * 0.4 / 200))
+    assert binomial_se(1.0, 32) == 0.0
+    # base 50%, teacher 62.5%, model 55% on 32 examples: r = 0.4,
+    # se² = (0.2475 + 0.16 · 0.234375 + 0.36 · 0.25) / 32 / 0.125² = 0.75, se = √3 / 2
+    assert recovery_se(0.55, 0.5, 0.625, 32) == pytest.approx(math.sqrt(3) / 2)
+    assert recovery_se(0.55, 0.5, 0.625, 128) == pytest.approx(math.sqrt(3) / 4)  # halves with 4× the examples
+    assert math.isnan(recovery_se(0.55, 0.5, 0.5, 32))  # no gain, no recovery
+
+
+def test_error_table_gives_accuracy_and_recovery_with_their_errors():
+    import math
+
+    from llgbm_ext.eval.uncertainty import error_table
+
+    rows = [{"model": m, "seed": s, "task": "arc_e", "split": "held-out", "accuracy": a, "examples": 32, "recovery": r}
+            for m, s, a, r in (("base", None, 0.5, 0.0), ("teacher", None, 0.625, 1.0), ("llgbm", 0, 0.5, 0.0),
+                               ("llgbm", 1, 0.6, 0.8))]
+    rows += [{"model": "base", "seed": None, "task": "word", "split": "in-distribution", "accuracy": 0.5,
+              "examples": 32, "recovery": math.nan}]
+    lines = error_table(rows).splitlines()
+    assert lines[0] == "| task | model | examples | accuracy % | accuracy SE | recovery | recovery SE |"
+    assert lines[2:] == ["| arc_e | base | 32 | 50.0 | 8.8 | – | – |",  # √(0.25 / 32) = 0.0884
+                         "| arc_e | teacher | 32 | 62.5 | 8.6 | – | – |",
+                         "| arc_e | llgbm | 32 | 55.0 | 8.8 | 0.40 | 0.87 |"]  # the mean over seeds, √3 / 2
+
+
+def test_quick_demo_reports_the_sampling_errors_once(quick_demo):
+    out, code = quick_demo
+    assert code == 0
+    report = (out / "report.md").read_text()
+    assert report.count("## Held-out tasks: sampling error") == 1  # also after the second run
+    section = report.split("## Held-out tasks: sampling error")[1]
+    assert "| word_not_food | llgbm |" in section and "| recovery SE |" in section

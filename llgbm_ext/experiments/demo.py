@@ -34,8 +34,6 @@ TINY_TRAINING = (
     "generator.kind=hyperconv", "generator.num_prompts=8", "generator.max_length=16", "generator.embed_dim=384",
     "generator.features=[[16, 8, 32]]", "generator.shared_offset=true", "generator.prior=teacher_init",
     "generator.prior_b_std=0.02", "encoder.model=all-MiniLM-L6-v2", "encoder.max_length=16",
-    # recovery on the comparison's validation tasks (its eval.tasks) every 100 steps, on 16 test examples each
-    "eval.every=100", "eval.limit=16",
 )
 # LLGBM on the embedded default: DnD's token loss plus the KL of next-token distributions at the
 # answers of each task's training inputs (the best signal of configs/ablations/signals.yaml on the

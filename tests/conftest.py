@@ -56,3 +56,13 @@ requires_dnd = pytest.mark.skipif(
     reason="dnd_repo/workspace is not populated (scripts/fetch_dnd.sh fills it from a DnD snapshot); "
            "see README 'Testing against DnD'",
 )
+
+
+@pytest.fixture(autouse=True)
+def _restore_working_directory():
+    """Tests that run DnD's scripts in-process (which chdir to their checkout) leave the working directory
+    as they found it, so later tests' relative paths keep their meaning."""
+    before = os.getcwd()
+    yield
+    if os.getcwd() != before:
+        os.chdir(before)

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import REPO_ROOT
 from fake_teachers import write_fake_teachers
 from llgbm_ext.cli import main
 from llgbm_ext.data.teacher_set import TeacherSetError, load_teacher_set
@@ -135,8 +136,9 @@ def test_train_refuses_kl_without_training_inputs_in_one_line(tmp_path, capsys):
     manifest = json.loads((root / "manifest.json").read_text())
     del manifest["tasks"]["add_1"]["train_inputs"]  # teachers written before training inputs were recorded
     (root / "manifest.json").write_text(json.dumps(manifest))
-    code = main(["train", "--config", "configs/tiny.yaml", f"data.teachers={root}", "loss.signals=[kl]",
-                 "generator.kind=simple", "generator.prior=adapter", "steps=1", f"out_dir={tmp_path / 'run'}"])
+    code = main(["train", "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), f"data.teachers={root}",
+                 "loss.signals=[kl]", "generator.kind=simple", "generator.prior=adapter", "steps=1",
+                 f"out_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("llgbm")]  # besides progress bars
     assert code == 2 and len(lines) == 1 and "'add_1' has no training inputs recorded" in lines[0]

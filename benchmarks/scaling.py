@@ -57,8 +57,9 @@ RUN = ["encoder.kind=base-model", "encoder.model=tiny", "generator.kind=simple",
        "loss.mode=multitask", "optim.warmup_steps=2", "save_every=1000000", "loss.noise=0"]
 
 
-def write_teachers(root: Path, tasks: int = 4, per_task: int = 4) -> Path:
-    """Random tiny-layout adapters with condition prompts: a teacher set for timing, not for learning."""
+def write_teachers(root: Path, tasks: int = 4, per_task: int = 4, layout=None, model_name: str = "tiny") -> Path:
+    """Random adapters (``layout``, default tiny's) with condition prompts: a teacher set for timing, not for
+    learning."""
     import torch
 
     from llgbm_ext.data.teacher_set import write_manifest
@@ -66,17 +67,17 @@ def write_teachers(root: Path, tasks: int = 4, per_task: int = 4) -> Path:
     from llgbm_ext.lora.factors import random_factors, state_dict_from_factors
     from llgbm_ext.lora.layout import get_layout
 
-    layout = get_layout("tiny")
+    layout = layout or get_layout("tiny")
     generator = torch.Generator().manual_seed(0)
     adapters, info = [], {}
     for t in range(tasks):
         task = f"task_{t}"
         for i in range(per_task):
             state = state_dict_from_factors(random_factors(layout, generator=generator, std=0.05), layout)
-            save_peft_adapter(state, root / task / f"{i:03d}", layout, base_model_name_or_path="tiny")
+            save_peft_adapter(state, root / task / f"{i:03d}", layout, base_model_name_or_path=model_name)
             adapters.append({"name": f"{task}_{i:03d}", "task": task, "path": f"{task}/{i:03d}", "step": i})
         info[task] = {"kind": "exact", "family": "bench", "prompts": [f"task {t}: {n} then {n * t}" for n in range(32)]}
-    write_manifest(root, "tiny", layout, info, adapters)
+    write_manifest(root, model_name, layout, info, adapters)
     return root
 
 

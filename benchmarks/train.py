@@ -38,8 +38,9 @@ from pathlib import Path
 
 import torch
 
-# benchmarks/delta.py, next to this file
+# benchmarks/delta.py and benchmarks/scaling.py, next to this file
 from delta import DTYPES, GEOMETRIES, build_model, geometry_config
+from scaling import write_teachers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = REPO_ROOT / "configs" / "benchmarks" / "train.yaml"
@@ -62,25 +63,6 @@ def write_base_model(out: Path, geometry: str, layers: int | None, device: str) 
     if device == "cuda":
         torch.cuda.empty_cache()  # leave the GPU to the training runs
     return out
-
-
-def write_teachers(root: Path, layout, model_name: str, per_task: int) -> Path:
-    """Random adapters with condition prompts, ``per_task`` for each of 4 tasks: a teacher set for timing."""
-    from llgbm_ext.data.teacher_set import write_manifest
-    from llgbm_ext.lora.adapters import save_peft_adapter
-    from llgbm_ext.lora.factors import random_factors, state_dict_from_factors
-
-    generator = torch.Generator().manual_seed(0)
-    adapters, info = [], {}
-    for t in range(TASKS):
-        task = f"task_{t}"
-        for i in range(per_task):
-            state = state_dict_from_factors(random_factors(layout, generator=generator, std=0.05), layout)
-            save_peft_adapter(state, root / task / f"{i:03d}", layout, base_model_name_or_path=model_name)
-            adapters.append({"name": f"{task}_{i:03d}", "task": task, "path": f"{task}/{i:03d}", "step": i})
-        info[task] = {"kind": "exact", "family": "bench", "prompts": [f"task {t}: {n} then {n * t}" for n in range(32)]}
-    write_manifest(root, model_name, layout, info, adapters)
-    return root
 
 
 def train(out: Path, mode: str, args: argparse.Namespace, teachers: Path) -> dict:
@@ -135,7 +117,7 @@ def main() -> None:
             model_dir = write_base_model(root / "base-model", args.geometry, args.layers, args.device)
             _, _, layout = geometry_config(args.geometry, args.layers)
             model_name = str(model_dir)
-        teachers = write_teachers(root / "teachers", layout, model_name, args.teachers)
+        teachers = write_teachers(root / "teachers", TASKS, args.teachers, layout, model_name)
         prepared = time.perf_counter() - start
         runs = {mode: train(root / mode, mode, args, teachers) for mode in ("weight_only", "multitask")}
 

@@ -41,6 +41,7 @@ from ..config import load_config, to_dict
 from ..data.records import Task
 from ..data.teacher_set import TeacherSet, load_teacher_set
 from ..errors import LLGBMError
+from ..eval.tasks import task_with_test_split
 from ..lora.factors import LoraFactors
 from ..teachers.multitask import NAME as MULTITASK
 from ..teachers.multitask import task_format
@@ -216,17 +217,7 @@ def train_runs(cfg: ComparisonConfig, progress: bool = True) -> dict[tuple[str, 
     return runs
 
 
-def evaluation_task(name: str, data_dir: str | None) -> Task:
-    """A task with its test split: the synthetic suite's, or a DnD-format file in ``data_dir``."""
-    from ..data.synthetic import TASK_FAMILIES, get_synthetic_task
 
-    if name in TASK_FAMILIES:
-        return get_synthetic_task(name)
-    if data_dir is None:
-        raise LLGBMError(f"task {name!r} is not synthetic: give data_dir (DnD-format task files)")
-    from ..data.dnd_format import load_task
-
-    return load_task(data_dir, name, splits=("test",))
 
 
 def random_prompts(tokenizer, n: int, seed: int, words: int = 8) -> list[str]:
@@ -316,7 +307,7 @@ def build_evaluator(cfg: ComparisonConfig, progress: bool = True) -> Evaluator:
                                    [e.path for e in teachers.entries], [e.task for e in teachers.entries],
                                    progress=progress)
     names = list(dict.fromkeys([*cfg.held_out, *cfg.validation, *cfg.eval_in_distribution]))
-    tasks = {name: evaluation_task(name, cfg.data_dir) for name in names}
+    tasks = {name: task_with_test_split(name, cfg.data_dir) for name in names}
     return Evaluator(cfg, teachers, model, tokenizer, computer, deltas.float().cpu(), tasks, progress)
 
 

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from ..atomic import write_text
-from ..data.records import Task
 from ..data.teacher_set import TeacherSet
 from ..errors import LLGBMError
+from ..eval.tasks import task_with_test_split
 from .config import EvalConfig
 
 REFERENCE = "eval_reference.json"
@@ -41,17 +41,7 @@ def check_eval_tasks(cfg: EvalConfig, teachers: TeacherSet, trained: list[str]) 
                              "(or set eval.every=0)")
 
 
-def eval_task(name: str, data_dir: str | None) -> Task:
-    """A task with its test split: the synthetic suite's, or a DnD-format file in ``data_dir``."""
-    from ..data.synthetic import TASK_FAMILIES, get_synthetic_task
 
-    if name in TASK_FAMILIES:
-        return get_synthetic_task(name)
-    if data_dir is None:
-        raise LLGBMError(f"eval.tasks: {name!r} is not synthetic: give eval.data_dir (DnD-format task files)")
-    from ..data.dnd_format import load_task
-
-    return load_task(data_dir, name, splits=("test",))
 
 
 def recovery(accuracy: float, base: float, teacher: float, examples: int) -> float | None:
@@ -70,7 +60,7 @@ class Validator:
         from .generate import sample_prompts
 
         self.cfg, self.teachers, self.model, self.tokenizer = cfg, teachers, model, tokenizer
-        self.tasks = {name: eval_task(name, cfg.data_dir) for name in cfg.tasks}
+        self.tasks = {name: task_with_test_split(name, cfg.data_dir, "eval.data_dir") for name in cfg.tasks}
         self.formats = {name: task_format(teachers, name) for name in cfg.tasks}
         self.lora = FunctionalLoRA(model, teachers.layout)
         self.prompts = [sample_prompts(teachers.prompts(t), num_prompts, 1, seed + 1000 * i)[0]

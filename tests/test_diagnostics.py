@@ -24,8 +24,8 @@ def teachers(tmp_path_factory):
 
 
 def _run(teachers, out, *overrides):
-    cfg = load_config(TrainingConfig, None, [f"data.teachers={teachers}", f"out_dir={out}", "data.held_out=[word_not_animal]",
-                                             *FAST, *overrides])
+    cfg = load_config(TrainingConfig, None, [f"data.teachers={teachers}", f"out_dir={out}",
+                                             "data.held_out=[word_not_animal]", *FAST, *overrides])
     trainer = Trainer(cfg, progress=False).setup()
     trainer.train()
     trainer.cleanup()
@@ -107,7 +107,8 @@ def test_comparison_names_the_nearest_teacher_and_logs_validation_recovery(teach
     )
 
     cfg = ComparisonConfig(teachers=str(teachers), overrides=(*FAST, "eval.every=2", "eval.limit=4"),
-                           variants=(Variant("weight_only", ("loss.mode=weight_only",)),), validation=("word_not_animal",),
+                           variants=(Variant("weight_only", ("loss.mode=weight_only",)),),
+                           validation=("word_not_animal",),
                            eval_limit=4, samples=2, controls=(), multitask_lora=False, out_dir=str(tmp_path))
     rows, _ = run_comparison(cfg, progress=False)
     teacher = {r["task"]: r["nearest"] for r in rows if r["model"] == "teacher"}
@@ -133,7 +134,7 @@ def test_nearest_table_takes_the_most_frequent_task_over_seeds():
 
 
 def test_recovery_is_the_share_of_the_teachers_gain():
-    from llgbm_ext.training.validation import recovery
+    from llgbm_ext.eval.uncertainty import recovery
 
     assert recovery(0.5, 0.25, 0.75, 8) == 0.5 and recovery(0.25, 0.25, 0.75, 8) == 0.0
     assert recovery(0.0, 0.5, 0.25, 8) == 2.0  # a teacher below the base model: the sign follows its gain

@@ -27,6 +27,13 @@ ERROR_NOTE = ("Accuracy ± its binomial standard error sqrt(p (1 − p) / n) on 
               "independent). Means over seeds; their spread over seeds is the summary table's ±.")
 
 
+def recovery(accuracy: float, base: float, teacher: float, examples: int) -> float | None:
+    """Gain recovery (accuracy − base) / (teacher − base); None where the teacher is within one of the
+    ``examples`` scored of the base model (|teacher − base| < 1 / examples, up to float rounding: no gain)."""
+    gain = teacher - base
+    return (accuracy - base) / gain if abs(gain) * examples > 1 - 1e-6 else None
+
+
 def binomial_se(p: float, n: int) -> float:
     """Standard error of an accuracy ``p`` measured on ``n`` examples."""
     if n < 1:

@@ -42,6 +42,7 @@ from ..data.records import Task
 from ..data.teacher_set import TeacherSet, load_teacher_set
 from ..errors import LLGBMError
 from ..eval.tasks import task_with_test_split
+from ..eval.uncertainty import recovery
 from ..lora.factors import LoraFactors
 from ..teachers.multitask import NAME as MULTITASK
 from ..teachers.multitask import task_format
@@ -411,9 +412,8 @@ def add_recovery(rows: list[dict]) -> list[dict]:
     teacher = {r["task"]: r["accuracy"] for r in rows if r["model"] == "teacher"}
     for row in rows:
         reference = base[row["task"]]
-        gain = teacher[row["task"]] - reference["accuracy"]
-        defined = abs(gain) * reference["examples"] > 1 - 1e-6
-        row["recovery"] = (row["accuracy"] - reference["accuracy"]) / gain if defined else math.nan
+        value = recovery(row["accuracy"], reference["accuracy"], teacher[row["task"]], reference["examples"])
+        row["recovery"] = math.nan if value is None else value
     return rows
 
 
@@ -506,7 +506,8 @@ def nearest_table(rows: list[dict], split: str = "held-out") -> str:
         return f"**{name}**" if name == task else name
 
     lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    lines += [f"| {model} | " + " | ".join(cell(t, by_task.get(t)) for t in tasks) + " |" for model, by_task in cells.items()]
+    lines += [f"| {model} | " + " | ".join(cell(t, by_task.get(t)) for t in tasks) + " |"
+              for model, by_task in cells.items()]
     return "\n".join(lines)
 
 

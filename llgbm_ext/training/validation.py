@@ -26,6 +26,7 @@ from ..atomic import write_text
 from ..data.teacher_set import TeacherSet
 from ..errors import LLGBMError
 from ..eval.tasks import task_with_test_split
+from ..eval.uncertainty import recovery
 from .config import EvalConfig
 
 REFERENCE = "eval_reference.json"
@@ -42,12 +43,6 @@ def check_eval_tasks(cfg: EvalConfig, teachers: TeacherSet, trained: list[str]) 
 
 
 
-
-
-def recovery(accuracy: float, base: float, teacher: float, examples: int) -> float | None:
-    """(accuracy − base) / (teacher − base); None where |teacher − base| < one test example."""
-    gain = teacher - base
-    return (accuracy - base) / gain if abs(gain) * examples > 1 - 1e-6 else None
 
 
 class Validator:
@@ -75,8 +70,8 @@ class Validator:
         for i, (name, task) in enumerate(self.tasks.items()):
             one = None if factors is None else AdapterBatch(self.lora, {p: (a[i : i + 1], b[i : i + 1])
                                                                        for p, (a, b) in factors.items()})
-            results = evaluate_task(self.model, self.tokenizer, task, ScoringConfig(fmt=self.formats[name], progress=False),
-                                    one, limit=self.cfg.limit)
+            scoring = ScoringConfig(fmt=self.formats[name], progress=False)
+            results = evaluate_task(self.model, self.tokenizer, task, scoring, one, limit=self.cfg.limit)
             scores[name] = (results[0].accuracy, results[0].total)
         return scores
 

@@ -1,6 +1,8 @@
 """Task scoring: option log-likelihood and greedy exact match, for the base model and K adapters at once,
 checked against plain unbatched loops, PEFT, and answers forced or known in advance."""
 
+import contextlib
+
 import pytest
 import torch
 from peft import PeftModel
@@ -16,6 +18,7 @@ from llgbm_ext.eval.scoring import (
     answer_style,
     answers_match,
     evaluate_task,
+    get_backbone,
     extract_answer,
     generate_answers,
     greedy_generate,
@@ -154,6 +157,48 @@ def test_k_adapters_in_one_forward_equal_peft_one_by_one(tiny_model, tiny_model_
             torch.testing.assert_close(torch.tensor(ex.scores), torch.tensor([s / n for s, n in rows]), rtol=0, atol=1e-5)
         assert result.model == f"a{k}"
         assert [e.scores for e in result.examples] != [e.scores for e in base.examples]  # the adapter acts
+
+
+def test_one_token_options_share_their_row_and_score_as_full_sequences(tiny_model, factors):
+    """Sequences equal but for their last token run as one input row; every score still equals a full
+    forward of its own sequence, for the base model and for K adapters, in any batch size."""
+    model, _ = tiny_model
+    contexts = [[5, 9, 14, 3], [7, 2], [11, 4, 8, 6, 1, 12]]
+    endings = [[20], [21], [22], [30, 31], [23, 24, 25]]  # three one-token options and two longer ones
+    sequences = [c + e for c in contexts for e in endings]
+    scored = [len(e) for _ in contexts for e in endings]
+    rows = []
+    hook = get_backbone(model).register_forward_hook(lambda m, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
+                                                      with_kwargs=True)
+    lora = FunctionalLoRA(model, LAYOUT)
+    try:
+        for adapters in (None, AdapterBatch(lora, factors)):
+            k = 1 if adapters is None else K
+            for max_rows in (k, 3 * k, 64):
+                rows.clear()
+                sums, counts = sequence_log_likelihoods(model, sequences, scored, pad_id=0, adapters=adapters,
+                                                        max_rows=max_rows)
+                assert sum(rows) == k * len(contexts) * 3  # per context: one shared row + two of their own
+                assert counts.tolist() == [float(n) for n in scored]
+                for j in range(k):
+                    with contextlib.ExitStack() as stack:
+                        if adapters is not None:
+                            stack.enter_context(lora.apply(adapter_batch_of(factors, j)))
+                        expected = [full_sequence_score(model, s, n) for s, n in zip(sequences, scored)]
+                    torch.testing.assert_close(sums[j], torch.tensor(expected), rtol=0, atol=1e-5)
+    finally:
+        hook.remove()
+
+
+def adapter_batch_of(factors, k):
+    return {proj: (a[k : k + 1], b[k : k + 1]) for proj, (a, b) in factors.items()}
+
+
+def full_sequence_score(model, sequence, scored):
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([sequence])).logits[0].float()
+    logp = torch.log_softmax(logits[len(sequence) - scored - 1 : -1], -1)
+    return float(logp[torch.arange(scored), torch.tensor(sequence[-scored:])].sum())
 
 
 def test_k_adapter_generation_equals_peft_generate(tiny_model, tiny_model_dir, tmp_path, factors):

@@ -177,42 +177,60 @@ def sequence_log_likelihoods(
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probability of the last ``num_scored[i]`` tokens of each sequence given the rest.
 
-    Returns (sums (K, S) fp32, counts (S,)), K = 1 without adapters. Each batch is right-padded and,
-    with adapters, tiled K times in one forward.
+    Returns (sums (K, S) fp32, counts (S,)), K = 1 without adapters. A sequence's last token is never an
+    input, so sequences that differ only there (the one-token options of one example) share one input
+    row, run once. Each batch of rows is right-padded and, with adapters, tiled K times in one forward.
     """
     if any(n < 1 or n >= len(s) for s, n in zip(sequences, num_scored)):
         raise EvalError("every scored sequence needs at least one context token and one scored token")
     k = 1 if adapters is None else adapters.k
     device = _device(model)
     backbone, head = get_backbone(model), _lm_head(model)
+    inputs: dict[tuple[int, ...], int] = {}  # input row (a sequence without its last token) -> its index
+    row_of = [inputs.setdefault(tuple(s[:-1]), len(inputs)) for s in sequences]
+    rows = list(inputs)
+    users: list[list[int]] = [[] for _ in rows]  # the sequences scored on each row
+    for i, row in enumerate(row_of):
+        users[row].append(i)
+    width_scored = max(num_scored, default=1)
     sums = torch.zeros(k, len(sequences))
-    batches = _batches([len(s) for s in sequences], max(1, max_rows // k))
+    batches = _batches([len(r) for r in rows], max(1, max_rows // k))
     with _applied(adapters):
         for batch in tqdm(batches, desc="scoring options", unit="batch", disable=not progress, leave=False):
-            lengths = torch.tensor([len(sequences[i]) for i in batch])  # (B,)
-            scored = torch.tensor([num_scored[i] for i in batch])  # (B,)
+            lengths = torch.tensor([len(rows[r]) for r in batch])  # (B,)
             width = int(lengths.max())
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-            steps = torch.arange(width)
-            mask = (steps < lengths[:, None]).long()  # (B, T) right padding
-            # position p predicts token p + 1: the positions before each scored token
-            predicts = (steps >= (lengths - scored - 1)[:, None]) & (steps < (lengths - 1)[:, None])  # (B, T)
-            targets = ids.roll(-1, dims=1)[predicts]  # (M,)
-            ids, mask, predicts, targets = (t.to(device) for t in (ids, mask, predicts, targets))
+            for b, r in enumerate(batch):
+                ids[b, : len(rows[r])] = torch.tensor(rows[r])
+            # position p of a row predicts token p + 1 of its sequences: their last num_scored positions
+            members = [i for r in batch for i in users[r]]  # this batch's sequences, in order
+            scored = [(b, n, j, len(rows[r]) - num_scored[i] + j)
+                      for n, (b, r, i) in enumerate((b, r, i) for b, r in enumerate(batch) for i in users[r])
+                      for j in range(num_scored[i])]
+            pair_row, pair_seq, pair_token, pair_pos = (torch.tensor(c) for c in zip(*scored))
+            targets = torch.tensor([sequences[members[n]][p + 1] for _, n, _, p in scored])  # (P,)
+            predicts = torch.zeros(len(batch), width, dtype=torch.bool)
+            predicts[pair_row, pair_pos] = True
+            rank = torch.full((len(batch), width), -1, dtype=torch.long)
+            rank[predicts] = torch.arange(int(predicts.sum()))  # (row, position) -> index among the M picked
+            pick = rank[pair_row, pair_pos]  # (P,) row-major, so ascending
+            mask = (torch.arange(width) < lengths[:, None]).long()  # (B, T) right padding
+            ids, mask, predicts, pick, targets = (t.to(device) for t in (ids, mask, predicts, pick, targets))
             hidden = backbone(
                 input_ids=ids.repeat(k, 1), attention_mask=mask.repeat(k, 1),
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0).repeat(k, 1), use_cache=False,
             ).last_hidden_state  # (K*B, T, H)
-            picked = hidden[predicts.repeat(k, 1)]  # (K*M, H), adapter-major
-            logp = torch.cat([
-                torch.log_softmax(head(rows).float(), dim=-1).gather(-1, tgt[:, None])[:, 0]
-                for rows, tgt in zip(picked.split(LM_HEAD_ROWS), targets.repeat(k).split(LM_HEAD_ROWS))
-            ])  # (K*M,)
-            per_token = torch.zeros(k * len(batch), width, device=device)
-            per_token[predicts.repeat(k, 1)] = logp  # deterministic sum per row (no atomics)
-            sums[:, batch] = per_token.sum(-1).view(k, len(batch)).cpu()
+            picked = hidden.view(k, len(batch), width, -1)[:, predicts]  # (K, M, H)
+            logp = torch.empty(k, len(scored), device=device)
+            bounds = torch.searchsorted(pick, torch.arange(0, picked.shape[1] + LM_HEAD_ROWS, LM_HEAD_ROWS,
+                                                          device=device)).tolist()
+            for start, (lo, hi) in zip(range(0, picked.shape[1], LM_HEAD_ROWS), zip(bounds, bounds[1:])):
+                chunk = torch.log_softmax(head(picked[:, start : start + LM_HEAD_ROWS]).float(), dim=-1)  # (K, C, V)
+                logp[:, lo:hi] = chunk[:, pick[lo:hi] - start, targets[lo:hi]]
+            # deterministic sum per sequence (no atomics): each (sequence, token) has its own cell
+            per_token = torch.zeros(k, len(members), width_scored, device=device)
+            per_token[:, pair_seq.to(device), pair_token.to(device)] = logp
+            sums[:, members] = per_token.sum(-1).cpu()
     counts = torch.tensor([float(n) for n in num_scored])
     return sums, counts
 

@@ -49,24 +49,24 @@ class StepBatches(torch.utils.data.Dataset):
         empty = [t for t in teachers.task_names() if not teachers.prompts(t)]
         if empty:
             raise LLGBMError(f"{teachers.root / 'manifest.json'}: task {empty[0]!r} has no condition prompts")
-        for entry in teachers.entries:  # a bad file fails now, not when a step (or a worker) first draws it
-            load_adapter(entry.path, teachers.layout)
         self.teachers = teachers
         self.batch_size, self.num_prompts, self.seed = batch_size, num_prompts, seed
         self.rank, self.world_size = rank, world_size
         self.need_tokens, self.need_factors = need_tokens, need_factors
         per_adapter = 4 * teachers.layout.num_tokens * teachers.layout.token_size[0] * teachers.layout.token_size[1]
-        self._tokens: dict[int, Tensor] | None = {} if per_adapter * len(teachers.entries) <= TOKEN_MEMORY else None
+        fits = per_adapter * len(teachers.entries) <= TOKEN_MEMORY
+        self._tokens: dict[int, Tensor] | None = {} if need_tokens and fits else None
+        for index, entry in enumerate(teachers.entries):  # a bad file fails now, not when a step first draws it
+            adapter = load_adapter(entry.path, teachers.layout)
+            if self._tokens is not None:  # read once: kept for the steps
+                self._tokens[index] = lora_to_tokens(adapter.state_dict, teachers.layout)
 
     def tokens(self, index: int) -> Tensor:
-        """Teacher ``index``'s DnD tokens (N_tok, H, W), from memory after the first read when they fit."""
-        if self._tokens is not None and index in self._tokens:
+        """Teacher ``index``'s DnD tokens (N_tok, H, W): from memory when they all fit, else read from disk."""
+        if self._tokens is not None:
             return self._tokens[index]
         layout = self.teachers.layout
-        tokens = lora_to_tokens(load_adapter(self.teachers.entries[index].path, layout).state_dict, layout)
-        if self._tokens is not None:
-            self._tokens[index] = tokens
-        return tokens
+        return lora_to_tokens(load_adapter(self.teachers.entries[index].path, layout).state_dict, layout)
 
     def __len__(self) -> int:
         return 2**62  # indexed by step; the sampler decides which steps are drawn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -13,13 +14,19 @@ import torch
 from ..config import load_config
 from ..errors import LLGBMError
 from ..generator.build import LoraGenerator, build_generator
-from ..generator.text_encoder import TextEncoder
+from ..generator.text_encoder import EmbeddingCache, TextEncoder, TextEncoderConfig
 from ..lora.adapters import save_dnd_checkpoint, save_peft_adapter
 from ..lora.factors import LoraFactors, state_dict_from_factors
 from ..lora.layout import LoraLayout
 from .checkpoint import RUN_INFO, CheckpointError, latest_checkpoint, load_module_weights
 from .config import TrainingConfig
 
+
+@functools.lru_cache(maxsize=4)
+def shared_encoder(config: TextEncoderConfig) -> TextEncoder:
+    """One encoder per configuration and process, on the on-disk embedding cache that training fills:
+    generators loaded one after another (a comparison's runs) load its model once, encode a prompt once."""
+    return TextEncoder(config, EmbeddingCache())
 
 
 @dataclass
@@ -57,7 +64,7 @@ def load_trained_generator(path: str | os.PathLike) -> TrainedGenerator:
     layout = LoraLayout.from_dict(info["layout"])
     generator = build_generator(cfg.generator, layout)
     generator.load_state_dict(load_module_weights(checkpoint, "generator"))
-    return TrainedGenerator(generator.eval(), TextEncoder(cfg.encoder), layout, info["base_model"], cfg)
+    return TrainedGenerator(generator.eval(), shared_encoder(cfg.encoder), layout, info["base_model"], cfg)
 
 
 def read_prompts(path: str | os.PathLike) -> tuple[str, list[str]]:

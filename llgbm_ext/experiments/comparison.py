@@ -173,22 +173,47 @@ def _train_one(tcfg, progress: bool, threads: int | None) -> Path | None:
     return Path(tcfg.out_dir)
 
 
+def _train_multitask_one(cfg: ComparisonConfig, seed: int, progress: bool, threads: int | None) -> Path:
+    """The multitask LoRA of one seed (trained unless cached), on a base model loaded here."""
+    from ..models.registry import load_base_model, resolve_base_model
+    from ..teachers.multitask import train_multitask_lora
+
+    if threads:
+        torch.set_num_threads(threads)
+    teachers = load_teacher_set(cfg.teachers)
+    config = _multitask_config(cfg, teachers, seed)
+    model, tokenizer = load_base_model(resolve_base_model(teachers.model_name), dtype=config.dtype)
+    return train_multitask_lora(model, tokenizer, teachers, config, run_folder(cfg, MULTITASK, seed), cfg.data_dir,
+                                progress)
+
+
+def _multitask_config(cfg: ComparisonConfig, teachers: TeacherSet, seed: int):
+    """The multitask LoRA's settings for ``seed``, in the evaluator's dtype."""
+    from ..teachers.multitask import multitask_config
+
+    training = [t for t in teachers.task_names() if t not in left_out(cfg)]
+    config = multitask_config(teachers, training, cfg.multitask_lora_steps, cfg.multitask_lora_batch, seed)
+    return replace(config, dtype=training_config(cfg, cfg.variants[0], seed).dtype)
+
+
 def _cost(tcfg) -> float:
     """Rough relative cost of a run: its steps, times the base-model forwards of its behaviour signals."""
     signals = len(tcfg.loss.signals) if tcfg.loss.uses_delta else 0
     return tcfg.steps * (1 + 4 * signals / (tcfg.loss.delta_every if tcfg.loss.mode == "delta_guided" else 1))
 
 
-def train_runs(cfg: ComparisonConfig, progress: bool = True) -> dict[tuple[str, int], Path | None]:
-    """Train every (variant, seed) not already complete; returns their run folders (None: the run diverged,
-    which is reported and left out of the evaluation rather than ending the comparison).
+def train_runs(cfg: ComparisonConfig, progress: bool = True) -> tuple[dict[tuple[str, int], Path | None],
+                                                                     dict[int, Path]]:
+    """Train every (variant, seed) not already complete, and the multitask LoRAs (``cfg.multitask_lora``);
+    returns (run folders, multitask LoRA of each seed). A run folder is None where the run diverged, which
+    is reported and left out of the evaluation rather than ending the comparison.
 
-    With ``cfg.workers`` > 1 the runs are trained in that many processes of one torch thread each; a run
-    on one thread computes the same numbers on every machine, whatever its core count."""
+    With ``cfg.workers`` > 1 all of them are trained in that many processes of one torch thread each,
+    longest first; a run on one thread computes the same numbers on every machine, whatever its core count."""
     from ..training.checkpoint import latest_checkpoint
     from ..training.trainer import config_digest
 
-    runs, todo = {}, []
+    runs, jobs = {}, []  # jobs: (key, cost, function, its arguments before progress and threads)
     for variant in cfg.variants:
         for seed in cfg.seeds:
             tcfg = training_config(cfg, variant, seed)
@@ -197,28 +222,36 @@ def train_runs(cfg: ComparisonConfig, progress: bool = True) -> dict[tuple[str, 
             state = json.loads((latest / "state.json").read_text()) if latest is not None else {}
             runs[(variant.name, seed)] = out
             if not (state.get("step") == tcfg.steps and state.get("config_digest") == config_digest(tcfg)):
-                todo.append(((variant.name, seed), tcfg))
-    todo.sort(key=lambda job: -_cost(job[1]))  # longest first: the processes finish together
+                jobs.append(((variant.name, seed), _cost(tcfg), _train_one, (tcfg,)))
+    multitask = {seed: run_folder(cfg, MULTITASK, seed) for seed in cfg.seeds} if cfg.multitask_lora else {}
+    if multitask:
+        from ..teachers.multitask import is_trained
+
+        teachers = load_teacher_set(cfg.teachers)
+        cost = 7 * cfg.multitask_lora_steps  # a step: about 1.4 KL steps of _cost (measured on tiny)
+        jobs += [((MULTITASK, seed), cost, _train_multitask_one, (cfg, seed)) for seed, out in multitask.items()
+                 if not is_trained(teachers, _multitask_config(cfg, teachers, seed), out)]
+    jobs.sort(key=lambda job: -job[1])  # longest first: the processes finish together
+    done = {}
     if cfg.workers <= 1:
-        for key, tcfg in todo:
-            if progress:
-                print(f"training {key[0]} (seed {key[1]}) -> {tcfg.out_dir}", flush=True)
-            runs[key] = _train_one(tcfg, progress, None)
-        return runs
-    import concurrent.futures
-    import multiprocessing
+        for key, _, function, args in jobs:
+            if progress and function is _train_one:
+                print(f"training {key[0]} (seed {key[1]}) -> {args[0].out_dir}", flush=True)
+            done[key] = function(*args, progress, None)
+    else:
+        import concurrent.futures
+        import multiprocessing
 
-    context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or locks
-    with concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=context) as pool, \
-            tqdm(total=len(todo), desc=f"training ({cfg.workers} processes)", unit="run", disable=not progress) as bar:
-        futures = {pool.submit(_train_one, tcfg, False, 1): key for key, tcfg in todo}
-        for future in concurrent.futures.as_completed(futures):
-            runs[futures[future]] = future.result()
-            bar.update(1)
-    return runs
-
-
-
+        context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or locks
+        with concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=context) as pool, \
+                tqdm(total=len(jobs), desc=f"training ({cfg.workers} processes)", unit="run",
+                     disable=not progress) as bar:
+            futures = {pool.submit(function, *args, False, 1): key for key, _, function, args in jobs}
+            for future in concurrent.futures.as_completed(futures):
+                done[futures[future]] = future.result()
+                bar.update(1)
+    runs.update({key: path for key, path in done.items() if key[0] != MULTITASK})
+    return runs, multitask
 
 
 def random_prompts(tokenizer, n: int, seed: int, words: int = 8) -> list[str]:
@@ -310,19 +343,6 @@ def build_evaluator(cfg: ComparisonConfig, progress: bool = True) -> Evaluator:
     names = list(dict.fromkeys([*cfg.held_out, *cfg.validation, *cfg.eval_in_distribution]))
     tasks = {name: task_with_test_split(name, cfg.data_dir) for name in names}
     return Evaluator(cfg, teachers, model, tokenizer, computer, deltas.float().cpu(), tasks, progress)
-
-
-def train_multitask_loras(cfg: ComparisonConfig, evaluator: Evaluator) -> dict[int, Path]:
-    """The multitask LoRA baseline of every seed on the teachers' training tasks (trained unless cached)."""
-    from ..teachers.multitask import multitask_config, train_multitask_lora
-
-    ev = evaluator
-    training = [t for t in ev.teachers.task_names() if t not in left_out(cfg)]
-    return {seed: train_multitask_lora(ev.model, ev.tokenizer, ev.teachers,
-                                       multitask_config(ev.teachers, training, cfg.multitask_lora_steps,
-                                                        cfg.multitask_lora_batch, seed),
-                                       run_folder(cfg, MULTITASK, seed), cfg.data_dir, ev.progress)
-            for seed in cfg.seeds}
 
 
 def _last_snapshots(teachers: TeacherSet, tasks: list[str]):
@@ -608,10 +628,8 @@ def train_comparison(cfg: ComparisonConfig, progress: bool = True):
     model) the multitask LoRAs. Returns (runs, evaluator, multitask LoRAs); cached runs are reused."""
     if not cfg.held_out + cfg.validation:
         raise LLGBMError("a comparison needs held-out or validation tasks to evaluate (held_out, validation)")
-    runs = train_runs(cfg, progress)
-    evaluator = build_evaluator(cfg, progress)
-    multitask = train_multitask_loras(evaluator.cfg, evaluator) if cfg.multitask_lora else {}
-    return runs, evaluator, multitask
+    runs, multitask = train_runs(cfg, progress)
+    return runs, build_evaluator(cfg, progress), multitask
 
 
 def report_comparison(runs: dict, evaluator: Evaluator, multitask: dict) -> tuple[list[dict], list[dict]]:

@@ -101,6 +101,15 @@ def settings(teachers: TeacherSet, config: TeacherConfig) -> dict:
     return json.loads(json.dumps(record))  # as read back from settings.json
 
 
+def is_trained(teachers: TeacherSet, config: TeacherConfig, out: str | Path) -> bool:
+    """``out`` holds the multitask LoRA of ``config`` (in ``config.dtype``): same settings, weights present."""
+    try:
+        return (json.loads((Path(out) / SETTINGS).read_text()) == settings(teachers, config)
+                and (Path(out) / WEIGHTS_NAME).is_file())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def train_multitask_lora(model, tokenizer, teachers: TeacherSet, config: TeacherConfig, out: str | Path,
                          data_dir: str | None = None, progress: bool = True) -> Path:
     """The multitask LoRA of ``config.tasks`` as a PEFT directory ``out``; trained unless ``out`` holds one
@@ -108,13 +117,9 @@ def train_multitask_lora(model, tokenizer, teachers: TeacherSet, config: Teacher
     out = Path(out)
     param = next(model.parameters())
     config = replace(config, dtype=str(param.dtype).removeprefix("torch."))  # the dtype it is trained in
-    wanted = settings(teachers, config)
-    try:
-        cached = json.loads((out / SETTINGS).read_text()) == wanted and (out / WEIGHTS_NAME).is_file()
-    except (OSError, json.JSONDecodeError):
-        cached = False
-    if cached:
+    if is_trained(teachers, config, out):
         return out
+    wanted = settings(teachers, config)
     encoded = [encode_task(training_task(t, data_dir), tokenizer, task_format(teachers, t), config.max_length,
                            tokenizer.pad_token_id) for t in config.tasks]
     trainer = MixtureTrainer(model, teachers.layout, encoded, config, out)  # never saves state: minutes, not resumed

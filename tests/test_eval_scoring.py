@@ -159,9 +159,10 @@ def test_k_adapters_in_one_forward_equal_peft_one_by_one(tiny_model, tiny_model_
         assert [e.scores for e in result.examples] != [e.scores for e in base.examples]  # the adapter acts
 
 
-def test_one_token_options_share_their_row_and_score_as_full_sequences(tiny_model, factors):
-    """Sequences equal but for their last token run as one input row; every score still equals a full
-    forward of its own sequence, for the base model and for K adapters, in any batch size."""
+def test_options_share_their_context_and_score_as_full_sequences(tiny_model, factors):
+    """One example's options run their context once (one-token options need nothing more, longer ones
+    one row each on its KV cache); every score still equals a full forward of its own sequence, for the
+    base model and for K adapters, in any batch size."""
     model, _ = tiny_model
     contexts = [[5, 9, 14, 3], [7, 2], [11, 4, 8, 6, 1, 12]]
     endings = [[20], [21], [22], [30, 31], [23, 24, 25]]  # three one-token options and two longer ones
@@ -178,7 +179,7 @@ def test_one_token_options_share_their_row_and_score_as_full_sequences(tiny_mode
                 rows.clear()
                 sums, counts = sequence_log_likelihoods(model, sequences, scored, pad_id=0, adapters=adapters,
                                                         max_rows=max_rows)
-                assert sum(rows) == k * len(contexts) * 3  # per context: one shared row + two of their own
+                assert sum(rows) == k * len(contexts) * 3  # per context: its own row + one per longer option
                 assert counts.tolist() == [float(n) for n in scored]
                 for j in range(k):
                     with contextlib.ExitStack() as stack:

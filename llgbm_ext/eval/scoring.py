@@ -165,6 +165,27 @@ def _batches(lengths: Sequence[int], rows_per_batch: int) -> list[list[int]]:
 
 
 # --- option log-likelihood -----------------------------------------------------------------------
+def _context_batches(lengths: Sequence[int], sequences: Sequence[int], budget: int) -> list[list[int]]:
+    """Contexts grouped longest first into batches of at most ``budget`` scored sequences (at least one
+    context per batch), so both forwards of a batch stay within ``budget`` rows."""
+    batches, current, used = [], [], 0
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if current and used + sequences[i] > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += sequences[i]
+    return batches + [current] if current else batches
+
+
+def _log_probs(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    """log p(targets) (K, P) from hidden states (K, P, H), the LM head run on LM_HEAD_ROWS rows at a time."""
+    return torch.cat([
+        torch.log_softmax(head(rows).float(), dim=-1).gather(-1, tgt.expand(rows.shape[0], -1)[..., None])[..., 0]
+        for rows, tgt in zip(hidden.split(LM_HEAD_ROWS, dim=1), targets.split(LM_HEAD_ROWS))
+    ], dim=1)
+
+
 @torch.no_grad()
 def sequence_log_likelihoods(
     model: nn.Module,
@@ -177,59 +198,65 @@ def sequence_log_likelihoods(
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probability of the last ``num_scored[i]`` tokens of each sequence given the rest.
 
-    Returns (sums (K, S) fp32, counts (S,)), K = 1 without adapters. A sequence's last token is never an
-    input, so sequences that differ only there (the one-token options of one example) share one input
-    row, run once. Each batch of rows is right-padded and, with adapters, tiled K times in one forward.
+    Returns (sums (K, S) fp32, counts (S,)), K = 1 without adapters. Sequences with the same context
+    (the tokens before their scored ones: one example's options) share it: a batch of contexts runs once,
+    right-padded, its last positions scoring every first scored token; the other scored tokens then run
+    on the contexts' KV cache, one row per sequence. With adapters, both forwards tile the rows K times.
     """
     if any(n < 1 or n >= len(s) for s, n in zip(sequences, num_scored)):
         raise EvalError("every scored sequence needs at least one context token and one scored token")
     k = 1 if adapters is None else adapters.k
     device = _device(model)
     backbone, head = get_backbone(model), _lm_head(model)
-    inputs: dict[tuple[int, ...], int] = {}  # input row (a sequence without its last token) -> its index
-    row_of = [inputs.setdefault(tuple(s[:-1]), len(inputs)) for s in sequences]
-    rows = list(inputs)
-    users: list[list[int]] = [[] for _ in rows]  # the sequences scored on each row
-    for i, row in enumerate(row_of):
-        users[row].append(i)
-    width_scored = max(num_scored, default=1)
+    cache_name = _cache_argument(backbone)
+    contexts: dict[tuple[int, ...], int] = {}
+    context_of = [contexts.setdefault(tuple(s[: len(s) - n]), len(contexts)) for s, n in zip(sequences, num_scored)]
+    rows = list(contexts)
+    users: list[list[int]] = [[] for _ in rows]  # the sequences of each context
+    for i, c in enumerate(context_of):
+        users[c].append(i)
     sums = torch.zeros(k, len(sequences))
-    batches = _batches([len(r) for r in rows], max(1, max_rows // k))
+    batches = _context_batches([len(r) for r in rows], [len(u) for u in users], max(1, max_rows // k))
     with _applied(adapters):
         for batch in tqdm(batches, desc="scoring options", unit="batch", disable=not progress, leave=False):
-            lengths = torch.tensor([len(rows[r]) for r in batch])  # (B,)
+            members = [i for c in batch for i in users[c]]  # this batch's sequences, by context
+            source = torch.tensor([b for b, c in enumerate(batch) for _ in users[c]])  # (M,) their context's row
+            lengths = torch.tensor([len(rows[c]) for c in batch])  # (B,)
             width = int(lengths.max())
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            for b, r in enumerate(batch):
-                ids[b, : len(rows[r])] = torch.tensor(rows[r])
-            # position p of a row predicts token p + 1 of its sequences: their last num_scored positions
-            members = [i for r in batch for i in users[r]]  # this batch's sequences, in order
-            scored = [(b, n, j, len(rows[r]) - num_scored[i] + j)
-                      for n, (b, r, i) in enumerate((b, r, i) for b, r in enumerate(batch) for i in users[r])
-                      for j in range(num_scored[i])]
-            pair_row, pair_seq, pair_token, pair_pos = (torch.tensor(c) for c in zip(*scored))
-            targets = torch.tensor([sequences[members[n]][p + 1] for _, n, _, p in scored])  # (P,)
-            predicts = torch.zeros(len(batch), width, dtype=torch.bool)
-            predicts[pair_row, pair_pos] = True
-            rank = torch.full((len(batch), width), -1, dtype=torch.long)
-            rank[predicts] = torch.arange(int(predicts.sum()))  # (row, position) -> index among the M picked
-            pick = rank[pair_row, pair_pos]  # (P,) row-major, so ascending
-            mask = (torch.arange(width) < lengths[:, None]).long()  # (B, T) right padding
-            ids, mask, predicts, pick, targets = (t.to(device) for t in (ids, mask, predicts, pick, targets))
-            hidden = backbone(
-                input_ids=ids.repeat(k, 1), attention_mask=mask.repeat(k, 1),
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).repeat(k, 1), use_cache=False,
-            ).last_hidden_state  # (K*B, T, H)
-            picked = hidden.view(k, len(batch), width, -1)[:, predicts]  # (K, M, H)
-            logp = torch.empty(k, len(scored), device=device)
-            bounds = torch.searchsorted(pick, torch.arange(0, picked.shape[1] + LM_HEAD_ROWS, LM_HEAD_ROWS,
-                                                          device=device)).tolist()
-            for start, (lo, hi) in zip(range(0, picked.shape[1], LM_HEAD_ROWS), zip(bounds, bounds[1:])):
-                chunk = torch.log_softmax(head(picked[:, start : start + LM_HEAD_ROWS]).float(), dim=-1)  # (K, C, V)
-                logp[:, lo:hi] = chunk[:, pick[lo:hi] - start, targets[lo:hi]]
-            # deterministic sum per sequence (no atomics): each (sequence, token) has its own cell
-            per_token = torch.zeros(k, len(members), width_scored, device=device)
-            per_token[:, pair_seq.to(device), pair_token.to(device)] = logp
+            for b, c in enumerate(batch):
+                ids[b, : lengths[b]] = torch.tensor(rows[c])
+            mask = (torch.arange(width) < lengths[:, None]).long()  # (B, T)
+            rest = torch.tensor([num_scored[i] - 1 for i in members])  # (M,) scored tokens after the first
+            more = int(rest.max())
+            out = backbone(input_ids=ids.to(device).repeat(k, 1), attention_mask=mask.to(device).repeat(k, 1),
+                           position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device).repeat(k, 1), use_cache=more > 0)
+            last = out.last_hidden_state.view(k, len(batch), width, -1)[:, torch.arange(len(batch)), lengths - 1]
+            first = torch.tensor([sequences[i][len(sequences[i]) - num_scored[i]] for i in members], device=device)
+            per_token = torch.zeros(k, len(members), 1 + more, device=device)  # each (sequence, token) its own cell
+            per_token[:, :, 0] = _log_probs(head, last[:, source.to(device)], first)
+            longer = torch.nonzero(rest).flatten()  # (L,) sequences with scored tokens after the first
+            if len(longer):  # their inputs are their own tokens, on the KV cache of their context
+                cache = out[cache_name]
+                cache.batch_select_indices((torch.arange(k)[:, None] * len(batch) + source[longer]).flatten().to(device))
+                steps = torch.arange(more)
+                inputs = torch.full((len(longer), more), pad_id, dtype=torch.long)
+                targets = torch.full((len(longer), more), pad_id, dtype=torch.long)
+                for row, m in enumerate(longer.tolist()):
+                    i = members[m]
+                    start = len(sequences[i]) - num_scored[i]
+                    inputs[row, : rest[m]] = torch.tensor(sequences[i][start : len(sequences[i]) - 1])
+                    targets[row, : rest[m]] = torch.tensor(sequences[i][start + 1 :])
+                scored = steps < rest[longer, None]  # (L, more)
+                both = torch.cat([mask[source[longer]], scored.long()], dim=1)  # context mask, then these tokens
+                positions = lengths[source[longer], None] + steps  # continuing each context
+                hidden = backbone(input_ids=inputs.to(device).repeat(k, 1), attention_mask=both.to(device).repeat(k, 1),
+                                  position_ids=positions.to(device).repeat(k, 1), use_cache=True,
+                                  **{cache_name: cache}).last_hidden_state  # (K*L, more, H)
+                picked = hidden.view(k, len(longer), more, -1)[:, scored.to(device)]  # (K, P, H)
+                cells = per_token[:, longer.to(device), 1:]  # a copy: written back below
+                cells[:, scored.to(device)] = _log_probs(head, picked, targets[scored].to(device))
+                per_token[:, longer.to(device), 1:] = cells
             sums[:, members] = per_token.sum(-1).cpu()
     counts = torch.tensor([float(n) for n in num_scored])
     return sums, counts

@@ -71,6 +71,22 @@ def test_both_layouts_and_manifest_load_back(run_dir):
     assert a[key].abs().sum() > 0 and not torch.equal(a[key], b[key])
 
 
+def test_groups_in_worker_processes_write_the_same_teachers(tiny_model_dir, tmp_path):
+    """Two groups trained side by side in two processes give byte-identical snapshots, losses and scores
+    to the same groups trained one after the other in this process."""
+    config = _config(tiny_model_dir, tasks=("shift_1", "category_food", "category_colour"), tasks_per_group=2,
+                     snapshots=2, eval_limit=4)
+    files = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        report = train_teachers(config, out, progress=False, workers=workers)
+        written = [p for p in sorted(out.rglob("*")) if p.is_file() and ".state" not in p.parts]  # not resume state
+        files[workers] = {p.relative_to(out): p.read_bytes() for p in written
+                          if p.suffix == ".safetensors" or p.name == "loss.jsonl"}
+        files[workers]["rows"] = json.dumps(report.rows, sort_keys=True).encode()
+    assert len(files[1]) > 10 and files[1] == files[2]
+
+
 def test_shared_init_is_identical_across_tasks_and_recorded(run_dir, tiny_model_dir):
     out, report = run_dir
     layout = report.layout

@@ -23,8 +23,8 @@ def register(sub, common) -> None:
                                  "runs/demo-real-TASK for another --hold-out, or runs/demo-v1)")
     p.add_argument("--seed", type=int, default=0, help="seed of teachers and generators (default 0)")
     p.add_argument("--threads", type=int, help="torch CPU threads of this process (default: torch's choice)")
-    p.add_argument("--workers", type=positive_int, help="processes that train generators, one thread each "
-                                               "(default: the CPU cores available, at most the runs)")
+    p.add_argument("--workers", type=positive_int, help="processes that train teachers and generators, one thread "
+                                               "each (default: the CPU cores available, at most the runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

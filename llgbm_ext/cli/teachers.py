@@ -65,6 +65,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="base model dtype")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="processes of one thread each that train the task groups (--tasks-per-group) side by side")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -133,7 +135,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    report = train_teachers(config, args.out, progress=not args.no_progress)
+    report = train_teachers(config, args.out, progress=not args.no_progress, workers=args.workers)
     layout = report.layout
     print(f"{args.out}: {report.adapters} adapters of {len(config.tasks)} tasks on {config.base_model} "
           f"(rank {layout.rank}, alpha {layout.alpha:g}, {config.total_steps} steps each, format {config.style}"

@@ -109,7 +109,7 @@ PLANS: dict[str, DemoPlan] = {
     "default": DemoPlan(
         base_model="tiny", tasks=SUITES[2], held_out=held_out_tasks(2), validation=validation_tasks(2),
         teacher=dict(warmup_steps=60, snapshot_every=5, snapshots=8, batch_size=4, max_length=64, eval_limit=64,
-                     tasks_per_group=64),
+                     tasks_per_group=25),  # two groups: one per worker process
         training=TINY_TRAINING + ("steps=700", "save_every=700"), multitask_lora_steps=300, samples=1,
         eval_in_distribution=_first_and_last_trained(SUITES[2], V2_LEFT_OUT)),
     # The default of earlier releases: three families of suite v1 (13 tasks), one held-out member each. The
@@ -213,7 +213,7 @@ def run_demo(plan: DemoPlan, out: str | Path, seed: int = 0, progress: bool = Tr
     _stage(3, f"teachers: {len(plan.tasks)} tasks from one shared initialisation -> {out / 'teachers'}")
     teacher_config = TeacherConfig(base_model=plan.base_model, tasks=plan.tasks,
                                    data_dir=str(data_dir) if data_dir else None, seed=seed, **plan.teacher)
-    report = train_teachers(teacher_config, out / "teachers", progress=progress)
+    report = train_teachers(teacher_config, out / "teachers", progress=progress, workers=workers)
     seconds["teachers"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -9,7 +9,8 @@ from fake_teachers import write_fake_teachers
 from llgbm_ext.cli import main
 from llgbm_ext.data.synthetic import TASK_FAMILIES
 from llgbm_ext.experiments.comparison import (
-    ComparisonConfig, add_recovery, in_distribution_tasks, markdown_table, run_comparison, summarise, task_table,
+    ComparisonConfig, add_recovery, difference_table, in_distribution_tasks, markdown_table, paired_differences,
+    run_comparison, summarise, task_table,
 )
 
 FIRST, SECOND, THIRD = list(TASK_FAMILIES)[:3]  # synthetic task names, so their test splits exist
@@ -139,6 +140,22 @@ def test_recovery_per_row_and_its_aggregation():
     assert entry["recovery_task_std"] == pytest.approx(0.0883883, abs=1e-6)
     teacher = next(e for e in summarise(rows) if e["model"] == "teacher")
     assert teacher["recovery"] == 1.0 and teacher["recovery_std"] == 0.0 and teacher["seeds"] == 1
+
+
+def test_paired_differences_by_seed_with_hand_numbers():
+    rows = _rows("base", None, {"x": 0.2, "y": 0.0, "z": 0.5}) + _rows("teacher", None, {"x": 0.6, "y": 1.0, "z": 0.5})
+    rows += _rows("m", 0, {"x": 0.6, "y": 0.5}) + _rows("m", 1, {"x": 0.4, "y": 1.0})  # recovery 1, .5 | .5, 1
+    rows += _rows("b", 0, {"x": 0.2, "y": 0.5}) + _rows("b", 1, {"x": 0.4, "y": 0.0}) + _rows("b", 2, {"x": 0.6})
+    (entry,) = paired_differences(add_recovery(rows), [("m", "b")])
+    # per seed, over the tasks both have (z: recovery undefined): seed 0 (1 − 0 + .5 − .5) / 2 = .5,
+    # seed 1 (.5 − .5 + 1 − 0) / 2 = .5; seed 2: no m
+    assert (entry["split"], entry["seeds"]) == ("held-out", 2)
+    assert entry["difference"] == pytest.approx(0.5) and entry["std"] == 0.0 and entry["margin"] == math.inf
+    rows += _rows("m", 2, {"x": 0.2})  # seed 2: 0 − 1 = −1
+    (entry,) = paired_differences(add_recovery(rows), [("m", "b")])
+    assert entry["difference"] == pytest.approx(0.0) and entry["std"] == pytest.approx(math.sqrt(0.75))
+    assert entry["margin"] == pytest.approx(0.0)
+    assert difference_table([entry]).splitlines()[-1] == "| m − b | held-out | 3 | 0.00 ± 0.87 | 0.0 |"
 
 
 def test_markdown_tables_show_recovery_and_norm_ratio():

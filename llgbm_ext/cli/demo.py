@@ -59,7 +59,7 @@ def run(args) -> int:
     import torch
 
     from ..eval.uncertainty import ERROR_NOTE, error_table
-    from ..experiments.comparison import split_tables
+    from ..experiments.comparison import MULTITASK, difference_table, paired_differences, split_tables
     from ..experiments.demo import run_demo
 
     plan, out = plan_and_out(args)
@@ -72,6 +72,11 @@ def run(args) -> int:
     print()
     print(f"LLGBM here is: {plan.llgbm.description}.\n")
     print(split_tables(result.rows, result.summary))
+    baselines = [b for b in ("weight_only", MULTITASK) if any(r["model"] == b for r in result.rows)]
+    differences = paired_differences(result.rows, [(plan.llgbm.name, b) for b in baselines])
+    if differences:
+        print("\nLLGBM against the baselines: recovery difference on the same seed, mean ± std over seeds.\n")
+        print(difference_table(differences))
     print(f"\nHeld-out tasks with their sampling error. {ERROR_NOTE}\n")
     print(error_table(result.rows))
     times = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in result.seconds.items())

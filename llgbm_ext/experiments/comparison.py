@@ -92,7 +92,8 @@ class ComparisonConfig:
             be measured on more examples than the in-distribution and validation ones.
         samples: adapters generated per task (each from another draw of its prompts).
         controls: evaluate mismatched-prompt and random-prompt adapters for these variants.
-        workers: train the runs in this many processes of one torch thread each (1: in this process).
+        workers: train the runs and multitask LoRAs in this many processes of one torch thread each (1: in
+            this process).
         probes: the probe set of the Δ measures (cosine to the teachers, specificity, top-1), the same
             for every variant, whatever probes a variant trains with.
         multitask_lora: also train and evaluate the multitask LoRA baseline (one LoRA on the mixture of the
@@ -472,6 +473,39 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
+def paired_differences(rows: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
+    """Per (model, baseline) pair and split: the model's recovery minus the baseline's, per seed (each
+    the mean over the split's tasks where both are defined), as mean ± std over the seeds both have;
+    ``margin`` = mean / std, how many stds the model is ahead (inf when every seed agrees exactly)."""
+    per: dict[tuple[str, str, int], dict[str, float]] = {}  # (model, split, seed) -> task -> recovery
+    for row in rows:
+        if row["seed"] is not None and row.get("recovery") is not None and not math.isnan(row["recovery"]):
+            per.setdefault((row["model"], row["split"], row["seed"]), {})[row["task"]] = row["recovery"]
+    out = []
+    for model, baseline in pairs:
+        for split in SPLITS:
+            diffs = []
+            for (m, s, seed), tasks in per.items():
+                other = per.get((baseline, s, seed))
+                common = [t for t in tasks if other and t in other]
+                if m == model and s == split and common:
+                    diffs.append(statistics.fmean(tasks[t] - other[t] for t in common))
+            if diffs:
+                mean, std = statistics.fmean(diffs), _std(diffs)
+                margin = mean / std if std > 0 else (math.copysign(math.inf, mean) if mean else 0.0)
+                out.append({"model": model, "baseline": baseline, "split": split, "seeds": len(diffs),
+                            "difference": mean, "std": std, "margin": margin})
+    return out
+
+
+def difference_table(differences: list[dict]) -> str:
+    lines = ["| model − baseline | split | seeds | recovery difference | margin (mean / std) |",
+             "|---|---|---:|---:|---:|"]
+    lines += [f"| {d['model']} − {d['baseline']} | {d['split']} | {d['seeds']} | {d['difference']:.2f} ± "
+              f"{d['std']:.2f} | {d['margin']:.1f} |" for d in differences]
+    return "\n".join(lines)
+
+
 # markdown_table's columns: (header, summary key, decimals, scale)
 COLUMNS = (("accuracy %", "accuracy", 1, 100.0), ("recovery", "recovery", 2, 1.0),
            ("Δ cos to own teacher", "cos_own", 3, 1.0), ("norm ratio", "norm_ratio", 2, 1.0),
@@ -582,6 +616,13 @@ def write_report(cfg: ComparisonConfig, rows: list[dict], summary: list[dict],
                        "Per task: accuracy % (recovery), mean over seeds.", "", task_table(rows, split), "",
                        ("Nearest teacher: per task, the teacher task nearest to the model's Δ by cosine (most "
                         "frequent over seeds; bold: the task itself)."), "", nearest_table(rows, split)]
+    names = [v.name for v in cfg.variants]
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[:i] + ([MULTITASK] if cfg.multitask_lora else [])]
+    differences = paired_differences(rows, pairs)
+    if differences:
+        report += ["", "## Differences between models", "",
+                   "Recovery of a model minus a baseline's on the same seed (mean over the split's tasks), mean ± "
+                   "std over seeds; the margin is the mean over that std.", "", difference_table(differences)]
     if diverged:
         report += ["", f"Diverged (non-finite loss; left out of the tables): {', '.join(diverged)}."]
     write_text(out / "report.md", "\n".join(report) + "\n")

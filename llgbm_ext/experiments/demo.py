@@ -10,9 +10,9 @@ pipeline, three budgets.
 5. evaluation on held-out and training (in-distribution) tasks: accuracy and gain recovery of every
    model, Δ behaviour, and LLGBM adapters generated from mismatched and random prompts as controls.
 
-Every stage is cached under the output folder, so a second run only re-evaluates. Generators are
-trained in parallel processes of one thread each (``workers``), which is faster on small models
-and gives the same numbers on every machine. The budgets below were chosen by measurement on 2 CPU
+Every stage is cached under the output folder, so a second run only re-evaluates. Teachers (in task
+groups), generators and multitask LoRAs are trained in parallel processes of one thread each
+(``workers``), which is faster on small models and gives the same numbers on every machine. The budgets below were chosen by measurement on 2 CPU
 cores (README "Results"); the recipe was chosen on in-distribution tasks and never on the held-out ones.
 """
 
@@ -56,8 +56,8 @@ class DemoPlan:
         training: TrainingConfig overrides common to every generator.
         llgbm: the LLGBM generator (the weight-only one is ``WEIGHT_ONLY``).
         seeds: generator seeds (the teachers use the first).
-        multitask_lora_steps: budget of the multitask-LoRA baseline (0: none); the default 400 steps of 20
-            sequences give every training task the 800 sequences its teacher was trained on.
+        multitask_lora_steps: budget of the multitask-LoRA baseline (0: none): steps of one sequence per
+            training task at least (``ComparisonConfig.multitask_lora_batch`` split over the tasks, rounded up).
         eval_in_distribution, eval_limit, held_out_limit, samples, controls: evaluation (see ComparisonConfig).
     """
 

@@ -47,3 +47,20 @@ def test_batched_and_loop_give_the_same_delta_and_gradients(bench):
     assert delta.norm() > 1e-3 * out["plain"].norm()  # the adapters change the activations
     assert bench.delta_cos(out["batched"], out["loop"], out["plain"][0]) == pytest.approx(1.0, abs=1e-5)
     assert bench.delta_cos(out["batched"], out["plain"], out["plain"][0]) == 0.0  # no Δ: the guard, not NaN
+
+
+def test_scoring_benchmark_variants_agree(tiny_model):
+    """benchmarks/scoring.py: shared-context scoring and its one-row-per-option reference give the same
+    scores on one- and three-token options, with adapters."""
+    spec = importlib.util.spec_from_file_location("bench_scoring", REPO_ROOT / "benchmarks" / "scoring.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, tokenizer = tiny_model
+    layout = bench.get_layout("tiny")
+    factors = bench.random_factors(layout, 2, generator=torch.Generator().manual_seed(0), std=0.05)
+    adapters = bench.AdapterBatch(FunctionalLoRA(model, layout), factors)
+    for task, option_tokens in (("word_colour", 1), ("digit_first_5", 3)):
+        sequences, scored = bench.sequences_of(task, tokenizer, 6)
+        assert set(scored) == {option_tokens}
+        shared = bench.sequence_log_likelihoods(model, sequences, scored, 0, adapters)[0]
+        torch.testing.assert_close(shared, bench.whole_rows(model, sequences, scored, 0, adapters), rtol=0, atol=1e-5)

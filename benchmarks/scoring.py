@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import timeit
 
 import torch
 
@@ -68,13 +68,9 @@ def sequences_of(task_name: str, tokenizer, examples: int) -> tuple[list[list[in
 
 
 def median_ms(fn, repeats: int) -> float:
+    """Median wall time of ``fn`` in ms over ``repeats`` calls after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
 
 
 def main() -> None:

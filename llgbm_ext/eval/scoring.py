@@ -5,9 +5,9 @@ with), so a teacher is scored on exactly the text it learned: ``context(example)
 candidate. The context and each candidate are tokenized *separately* and their ids concatenated, so
 the scored tokens are exactly the candidate's own (no merge across the boundary).
 
-* Multiple choice and True/False: every (example, candidate) pair of a batch goes through one padded
-  forward; log-probabilities are computed only at the candidate tokens (the LM head runs on those
-  positions alone). An example's prediction is the candidate with the highest mean per-token
+* Multiple choice and True/False: a batch of examples' contexts goes through one padded forward, whose
+  last positions score every candidate's first token; candidates' later tokens run on the contexts' KV
+  cache, one row per candidate. The LM head runs at the scored positions alone. An example's prediction is the candidate with the highest mean per-token
   log-likelihood (``reduction="mean"``, the default: long options are not penalised for their
   length) or the highest total (``"sum"``). Ties go to the first option.
 * Exact answers: greedy decoding with a KV cache on left-padded prompts (positions from the

@@ -7,9 +7,10 @@ the scored tokens are exactly the candidate's own (no merge across the boundary)
 
 * Multiple choice and True/False: a batch of examples' contexts goes through one padded forward, whose
   last positions score every candidate's first token; candidates' later tokens run on the contexts' KV
-  cache, one row per candidate. The LM head runs at the scored positions alone. An example's prediction is the candidate with the highest mean per-token
-  log-likelihood (``reduction="mean"``, the default: long options are not penalised for their
-  length) or the highest total (``"sum"``). Ties go to the first option.
+  cache, one row per candidate. The LM head runs at the scored positions alone. An example's
+  prediction is the candidate with the highest mean per-token log-likelihood (``reduction="mean"``,
+  the default: long options are not penalised for their length) or the highest total (``"sum"``).
+  Ties go to the first option.
 * Exact answers: greedy decoding with a KV cache on left-padded prompts (positions from the
   attention mask), stopping at end-of-sequence, or at a newline for short answers. The answer is
   GSM8K's ``#### <number>`` (else the last number) or the first line, compared after normalisation

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from llgbm_ext.cli import main
 from llgbm_ext.data.records import Example, Task
@@ -85,6 +86,27 @@ def test_groups_in_worker_processes_write_the_same_teachers(tiny_model_dir, tmp_
                           if p.suffix == ".safetensors" or p.name == "loss.jsonl"}
         files[workers]["rows"] = json.dumps(report.rows, sort_keys=True).encode()
     assert len(files[1]) > 10 and files[1] == files[2]
+
+
+def test_a_second_run_keeps_the_scores_unless_what_they_depend_on_changed(tiny_model_dir, tmp_path, monkeypatch):
+    config = _config(tiny_model_dir, tasks=("category_food", "category_colour"), snapshots=2, eval_limit=4)
+    first = train_teachers(config, tmp_path, progress=False).rows
+    assert all(len(r["eval_key"]) == 16 for r in first)
+    scored = []
+    real = pipeline.evaluate_teachers
+    monkeypatch.setattr(pipeline, "evaluate_teachers",
+                        lambda model, tokenizer, layout, tasks, *a: scored.append([t.name for t in tasks])
+                        or real(model, tokenizer, layout, tasks, *a))
+    assert train_teachers(config, tmp_path, progress=False).rows == first and scored == []  # nothing changed
+    final = tmp_path / "category_colour" / "category_colour_001" / "adapter_model.safetensors"
+    tensors = read_safetensors(final)
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] + 1.0  # an edited teacher is scored again, the other one is not
+    save_file(tensors, str(final))
+    rows = train_teachers(config, tmp_path, progress=False).rows
+    assert scored == [["category_colour"]] and rows[0] == first[0] and rows[1]["eval_key"] != first[1]["eval_key"]
+    train_teachers(replace(config, eval_limit=3), tmp_path, progress=False)  # other examples: both again
+    assert scored[-1] == ["category_food", "category_colour"]
 
 
 def test_shared_init_is_identical_across_tasks_and_recorded(run_dir, tiny_model_dir):

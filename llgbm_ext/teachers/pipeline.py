@@ -5,16 +5,18 @@
    writing snapshots in both layouts, loss logs, and resumable training state under ``<out>/.state``.
 3. Write the manifest; score base and final teacher on each task's test split (``eval.scoring``, the
    prompt format teachers were trained with; the base is a zero adapter in the same forward); store
-   the accuracies in the manifest.
+   the accuracies in the manifest, with a key of what they depend on (``evaluation_key``): a second
+   run keeps them where that key is unchanged instead of scoring again.
 4. Teacher deltas of every snapshot into the DeltaCache, on the same pristine base model (adapters
    are only ever applied through ``FunctionalLoRA`` hooks, so it is never modified).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_text
 from ..data.formatting import PromptFormat
+from ..lora.adapters import WEIGHTS_NAME
 from ..lora.layout import LoraLayout, layout_from_config
 from .batches import EncodedTask, encode_pairs, training_pairs
 from .config import TeacherConfig, TeacherError
@@ -135,6 +138,30 @@ def evaluate_teachers(model, tokenizer, layout: LoraLayout, tasks: list[TeacherT
     return quality
 
 
+SCORES = ("base_accuracy", "teacher_accuracy", "eval_examples", "eval_adapter")  # what evaluate_teachers adds
+
+
+def evaluation_key(model_fingerprint: str, task: TeacherTask, out: Path, config: TeacherConfig, fmt: PromptFormat,
+                   answer_tokens: int) -> str:
+    """Digest of everything a teacher's scores depend on: the base model's bytes, the final adapter's bytes,
+    the scored test examples and the scoring settings (stored with the scores in the manifest)."""
+    examples = task.task.test if config.eval_limit is None else task.task.test[: config.eval_limit]
+    final = out / adapter_path(task.name, config.snapshots - 1) / WEIGHTS_NAME
+    record = {"model": model_fingerprint, "adapter": hashlib.sha256(final.read_bytes()).hexdigest(),
+              "examples": [asdict(e) for e in examples], "format": asdict(fmt), "max_length": config.max_length,
+              "answer_tokens": answer_tokens, "dtype": config.dtype}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _manifest_scores(out: Path) -> dict[str, dict]:
+    """Per task, the scores (and their ``eval_key``) a previous run of ``out`` wrote to its manifest."""
+    try:
+        tasks = json.loads((out / "manifest.json").read_text())["tasks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {name: info for name, info in tasks.items() if isinstance(info, dict) and "eval_key" in info}
+
+
 def compute_deltas(model, tokenizer, layout: LoraLayout, tasks: list[TeacherTask], out: Path, config: TeacherConfig,
                    name: str, model_dir: Path, progress: bool) -> Path:
     """Teacher deltas of every snapshot into the DeltaCache (only those it lacks are computed)."""
@@ -184,6 +211,7 @@ def train_teachers(config: TeacherConfig, out_dir: str | Path, progress: bool = 
     report = TeacherReport(out=out, layout=layout)
 
     write_initial_adapter(out, layout, config, name)
+    previous = _manifest_scores(out)  # read before the manifest is rewritten below
     start = time.perf_counter()
     answer_tokens: dict[str, int] = {}
     quality: dict[str, dict] = {}
@@ -223,11 +251,18 @@ def train_teachers(config: TeacherConfig, out_dir: str | Path, progress: bool = 
     report.adapters = len(tasks) * config.snapshots
     write_teacher_manifest(out, name, layout, tasks, config, fmt, quality)
 
-    if config.eval_limit != 0:
+    if config.eval_limit != 0:  # scores of a previous run are kept where nothing they depend on changed
+        from ..delta.cache import model_fingerprint
+
         start = time.perf_counter()
-        scores = evaluate_teachers(model, tokenizer, layout, tasks, out, config, fmt, answer_tokens, progress)
-        for task, numbers in scores.items():
-            quality[task].update(numbers)
+        fingerprint = model_fingerprint(model_dir)
+        keys = {t.name: evaluation_key(fingerprint, t, out, config, fmt, answer_tokens[t.name]) for t in tasks}
+        todo = [t for t in tasks if previous.get(t.name, {}).get("eval_key") != keys[t.name]]
+        scores = (evaluate_teachers(model, tokenizer, layout, todo, out, config, fmt, answer_tokens, progress)
+                  if todo else {})
+        for t in tasks:
+            numbers = scores.get(t.name) or {k: previous[t.name][k] for k in SCORES}
+            quality[t.name].update(numbers, eval_key=keys[t.name])
         write_teacher_manifest(out, name, layout, tasks, config, fmt, quality)
         report.seconds["eval"] = time.perf_counter() - start
     if config.probes:

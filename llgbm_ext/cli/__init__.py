@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except LLGBMError as e:
         if args.debug:
             raise
-        print(f"llgbm {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+        sys.stderr.write(f"llgbm {args.command}: error: {_one_line(str(e))}\n")  # one write: ranks share stderr
+        sys.stderr.flush()
+        from ..signals.base import settle
+
+        settle(e)
         return 2
     except OSError as e:
         if args.debug:

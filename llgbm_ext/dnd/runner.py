@@ -155,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     except LLGBMError as e:
         if args.debug:
             raise
-        print(f"llgbm_ext.dnd.runner: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"llgbm_ext.dnd.runner: error: {e}\n")  # one write: ranks share stderr
+        sys.stderr.flush()
+        from ..signals.base import settle
+
+        settle(e)
         return 2
     return 0
 

@@ -138,6 +138,14 @@ class RankError(LLGBMError):
     """A step failed on one process of a torch.distributed run; every process raises it, with that message."""
 
 
+def settle(error: BaseException) -> None:
+    """Once a ``RankError`` has been reported (printed), wait until every rank has reported it: torchrun
+    stops the other processes as soon as one exits, which could be before they print theirs."""
+    dist = _dist()
+    if dist and isinstance(error, RankError):
+        dist.barrier()
+
+
 def collective_device() -> torch.device:
     """Where this process's collective tensors live: its CUDA device under NCCL, else the CPU."""
     dist = _dist()

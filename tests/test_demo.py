@@ -84,6 +84,12 @@ def test_plans_hold_out_tasks_they_train_teachers_for():
     assert len(default.tasks) - len(default.held_out) - len(default.validation) >= 40 and default.seeds == 3
     assert PLANS["v1"].held_out == ("kind_3", "category_food", "rank_2")  # suite v1's, for its families
     assert set(PLANS["v1"].held_out) < set(HELD_OUT)
+    v3 = PLANS["v3"]  # the default's budgets on v2 and the none family; v2's held-out members stay held out
+    assert v3.held_out == held_out_tasks(3) and set(default.held_out) < set(v3.held_out)
+    assert set(default.tasks) < set(v3.tasks) and v3.training == default.training and v3.seeds == 3
+    from llgbm_ext.cli.demo import plan_and_out
+
+    assert plan_and_out(_demo_args("--v3")) == (v3, "runs/demo-v3")
 
 
 # --real --hold-out, the held-out evaluation limit and the sampling errors (no SmolLM2 run: plans, fake teachers).

@@ -1,4 +1,4 @@
-"""The embedded synthetic task suites (v1, v2): deterministic, correct answers, DnD's formats, held-out and
+"""The embedded synthetic task suites (v1, v2, v3): deterministic, correct answers, DnD's formats, held-out and
 validation members inside their families."""
 
 import json
@@ -19,13 +19,17 @@ SMALL = SuiteConfig(n_train=96, n_test=32, n_conditions=64)
 
 @pytest.fixture(scope="module")
 def suite():
-    return synthetic_suite(version=1) + synthetic_suite(version=2)
+    return synthetic_suite(version=1) + synthetic_suite(version=3)
 
 
 def test_suite_size_kinds_and_splits(suite):
     assert len(suite) == len(TASK_FAMILIES) and len({t.name for t in suite}) == len(suite)
     assert {t.kind for t in suite} >= {"mc", "exact"}
     assert len(SUITES[1]) == 18 and DEFAULT_SUITE == 2 and [t.name for t in synthetic_suite(SMALL)] == list(SUITES[2])
+    # v3 is v2 and the none family: the same names are the same tasks
+    assert SUITES[3] == SUITES[2] + tuple(f"none_{p}" for p in FAMILIES["none"].params) and len(SUITES[3]) == 59
+    assert held_out_tasks(3) == held_out_tasks(2) + ("none_food_body",)
+    assert validation_tasks(3) == validation_tasks(2) + ("none_colour_nature",)
     for task in suite:
         assert len(task.train) == 512 and len(task.test) == 128
         assert len(task.conditions) >= 64 and set(task.conditions) <= {e.prompt for e in task.train}
@@ -39,10 +43,11 @@ def test_v1_held_out_split_is_unchanged():
     assert validation_tasks(1) == ()
 
 
-def test_v2_is_made_for_generalisation():
-    families = [f for f in FAMILIES.values() if f.suite == 2]
-    held, validation = held_out_tasks(2), validation_tasks(2)
-    training = [t for t in SUITES[2] if t not in held + validation]
+@pytest.mark.parametrize("version", [2, 3])
+def test_v2_and_v3_are_made_for_generalisation(version):
+    families = [f for f in FAMILIES.values() if version in f.suites]
+    held, validation = held_out_tasks(version), validation_tasks(version)
+    training = [t for t in SUITES[version] if t not in held + validation]
     assert len(families) >= 4 and len(training) >= 40 and not set(held) & set(validation)
     for family in families:
         members = {family.task_name(p) for p in family.params}
@@ -108,8 +113,9 @@ def _expected_answer(family: str, param, example):
         numbers = [int(x) for x in texts]
         assert len(set(numbers)) == len(numbers)
         return numbers.index(sorted(numbers)[param - 1])
-    if family in ("word", "either", "anyof"):
-        negated, categories = param.startswith("not_"), param.removeprefix("not_").split("_")
+    if family in ("word", "either", "anyof", "none"):
+        negated = param.startswith("not_") or family == "none"
+        categories = param.removeprefix("not_").split("_")
         hits = [i for i, word in enumerate(texts) if any(word in CATEGORIES[c] for c in categories) != negated]
         assert len(hits) == 1 and len(set(texts)) == 4
         return hits[0]
@@ -122,7 +128,7 @@ def _expected_answer(family: str, param, example):
 
 
 def test_answers_follow_from_prompts():
-    tasks = synthetic_suite(SMALL, version=1) + synthetic_suite(SMALL, version=2)
+    tasks = synthetic_suite(SMALL, version=1) + synthetic_suite(SMALL, version=3)
     assert {t.family for t in tasks} == set(FAMILIES)
     for task in tasks:
         family, param = TASK_FAMILIES[task.name]
@@ -163,7 +169,7 @@ def test_suite_fits_the_tiny_tokenizer(tiny_model):
     _, tokenizer = tiny_model
     for text in [*WORDS, *CATEGORIES, *LETTERS]:  # inside a list (after a space) and at the start of an answer
         assert len(tokenizer(" " + text).input_ids) == 1 and len(tokenizer(text).input_ids) == 1, text
-    for task in synthetic_suite(SMALL, version=1) + synthetic_suite(SMALL, version=2):
+    for task in synthetic_suite(SMALL, version=1) + synthetic_suite(SMALL, version=3):
         longest = max(task.train, key=lambda e: len(e.prompt) + len(e.response))
         chat = [{"role": "system", "content": longest.system}, {"role": "user", "content": longest.prompt},
                 {"role": "assistant", "content": longest.response}]
@@ -175,9 +181,9 @@ def test_bad_requests_raise_data_error(monkeypatch):
         get_synthetic_task("kind_9")
     with pytest.raises(DataError, match="n_conditions=100 exceeds n_train=50"):
         get_synthetic_task("kind_1", SuiteConfig(n_train=50, n_conditions=100))
-    with pytest.raises(DataError, match="unknown synthetic suite version 3"):
-        synthetic_suite(version=3)
-    constant = Family("constant", "exact", (1,), lambda k, rng: synthetic._exact("same", "same"), 2)
+    with pytest.raises(DataError, match="unknown synthetic suite version 4"):
+        synthetic_suite(version=4)
+    constant = Family("constant", "exact", (1,), lambda k, rng: synthetic._exact("same", "same"), (2,))
     monkeypatch.setitem(TASK_FAMILIES, "constant_1", (constant, 1))
     with pytest.raises(DataError, match="constant_1: fewer than 3 distinct prompts"):
         get_synthetic_task("constant_1", SuiteConfig(n_train=2, n_test=1, n_conditions=1))
@@ -191,5 +197,6 @@ def test_task_names_expand_to_suites_and_families():
     assert expand_task_names(["v1"], None) == list(SUITES[1])
     assert expand_task_names(["word", "kind_3", "word_food"], None) == [
         *(f"word_{p}" for p in FAMILIES["word"].params), "kind_3"]
-    with pytest.raises(TeacherError, match="unknown synthetic task 'v3'"):
-        expand_task_names(["v3"], None)
+    assert expand_task_names(["v3"], None) == list(SUITES[3])
+    with pytest.raises(TeacherError, match="unknown synthetic task 'v4'.*v1, v2, v3, a family"):
+        expand_task_names(["v4"], None)

@@ -2,8 +2,8 @@
 
 Members of a family differ by one parameter that their prompts state, so a member held out of
 generator training is predictable from its siblings: its prompts (the conditions) name its
-parameter, and what it asks lies between what they ask. Two versions; task names never repeat
-across them, so a run names its tasks and stays loadable.
+parameter, and what it asks lies between what they ask. Three versions; a task name always means the
+same task (v3 extends v2), so a run names its tasks and stays loadable.
 
 Suite v2 (the default, ``SUITES[2]``): four multiple-choice families, 49 tasks, made for
 generalisation. Every family has at least 9 members; the held-out and validation members are fixed
@@ -17,6 +17,15 @@ in training members' prompts):
   * ``anyof_c1_c2_c3`` (10): the one option of any of three categories;
   * ``digit_first_d`` (d = 1..9) / ``digit_last_d`` (d = 0..9) (19): the one number that begins (ends)
     with the digit d, "Which number ends with 4?".
+
+Suite v3 (``SUITES[3]``, an experiment on negation): v2 and one more family of negations, 59 tasks:
+
+  * ``none_c1_c2`` (10): the one option of neither of two categories, "Which word is not a colour or an
+    animal?" (held out ``none_food_body`` and validation ``none_colour_nature``, as ``either``'s).
+
+  v2 has three training negations (``word_not_colour``/``body``/``nature``), and generators map the
+  held-out ``word_not_food`` to the adapter of ``word_food``; v3 asks whether more negated members teach
+  the generator to negate (README "Results": partly, and at a cost within the demo's budget).
 
 Suite v1 (``SUITES[1]``, kept for earlier runs): 18 tasks, one held-out member per family:
 
@@ -156,6 +165,12 @@ def either_example(param: str, rng: np.random.Generator) -> Example:
     return _one_of(f"Which word is {_either(categories)}?", categories, rng)
 
 
+def none_example(param: str, rng: np.random.Generator) -> Example:
+    """"Which word is not a colour or an animal?": the one option of neither (param ``colour_animal``)."""
+    categories = param.split("_")
+    return _one_of(f"Which word is not {_either(categories)}?", categories, rng, negated=True)
+
+
 def digit_example(param: str, rng: np.random.Generator) -> Example:
     """"Which number begins with 4?" / "… ends with 4?" (param ``first_4`` / ``last_4``), numbers 10..99."""
     where, digit = param.split("_")
@@ -182,7 +197,7 @@ class Family:
     kind: TaskKind
     params: tuple
     make: Callable[[int | str, np.random.Generator], Example]
-    suite: int
+    suites: tuple[int, ...]
     held_out: tuple = ()
     validation: tuple = ()
 
@@ -193,17 +208,19 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("kind", "exact", (1, 2, 3, 4, 5), kind_example, 1, held_out=(3,)),
-        Family("shift", "exact", (1, 2, 3, 4, 5), shift_example, 1, held_out=(3,)),
-        Family("category", "mc", ("colour", "animal", "food", "body"), category_example, 1, held_out=("food",)),
-        Family("rank", "mc", (1, 2, 3, 4), rank_example, 1, held_out=(2,)),
-        Family("word", "mc", (*CATEGORIES, *(f"not_{c}" for c in CATEGORIES)), word_example, 2,
+        Family("kind", "exact", (1, 2, 3, 4, 5), kind_example, (1,), held_out=(3,)),
+        Family("shift", "exact", (1, 2, 3, 4, 5), shift_example, (1,), held_out=(3,)),
+        Family("category", "mc", ("colour", "animal", "food", "body"), category_example, (1,), held_out=("food",)),
+        Family("rank", "mc", (1, 2, 3, 4), rank_example, (1,), held_out=(2,)),
+        Family("word", "mc", (*CATEGORIES, *(f"not_{c}" for c in CATEGORIES)), word_example, (2, 3),
                held_out=("not_food",), validation=("not_animal",)),
-        Family("either", "mc", _subsets(2), either_example, 2, held_out=("food_body",), validation=("colour_nature",)),
-        Family("anyof", "mc", _subsets(3), either_example, 2, held_out=("animal_food_nature",),
+        Family("either", "mc", _subsets(2), either_example, (2, 3), held_out=("food_body",),
+               validation=("colour_nature",)),
+        Family("anyof", "mc", _subsets(3), either_example, (2, 3), held_out=("animal_food_nature",),
                validation=("colour_body_nature",)),
         Family("digit", "mc", (*(f"first_{d}" for d in range(1, 10)), *(f"last_{d}" for d in range(10))), digit_example,
-               2, held_out=("first_5",), validation=("last_7",)),
+               (2, 3), held_out=("first_5",), validation=("last_7",)),
+        Family("none", "mc", _subsets(2), none_example, (3,), held_out=("food_body",), validation=("colour_nature",)),
     )
 }
 TASK_FAMILIES: dict[str, tuple[Family, int | str]] = {
@@ -211,12 +228,12 @@ TASK_FAMILIES: dict[str, tuple[Family, int | str]] = {
 }
 DEFAULT_SUITE = 2
 SUITES: dict[int, tuple[str, ...]] = {
-    v: tuple(name for name, (f, _) in TASK_FAMILIES.items() if f.suite == v) for v in (1, 2)
+    v: tuple(name for name, (f, _) in TASK_FAMILIES.items() if v in f.suites) for v in (1, 2, 3)
 }
 
 
 def _members(version: int, which: str) -> tuple[str, ...]:
-    return tuple(f.task_name(p) for f in FAMILIES.values() if f.suite == version for p in getattr(f, which))
+    return tuple(f.task_name(p) for f in FAMILIES.values() if version in f.suites for p in getattr(f, which))
 
 
 def held_out_tasks(version: int = DEFAULT_SUITE) -> tuple[str, ...]:

@@ -2,7 +2,7 @@
 
 Task names are as users type them: ``arc_e boolq gsm8k …`` with ``--data-dir`` (DnD's file names come
 from ``data.dnd_format``), or synthetic names (``kind_3``), family names (``kind`` = every member),
-``v1``/``v2`` (every task of a suite version) or ``all`` (the default suite, v2). DnD keeps one folder
+``v1``/``v2``/``v3`` (every task of a suite version) or ``all`` (the default suite, v2). DnD keeps one folder
 of checkpoints per data set, ``data/<family>/<Dataset>/``: real tasks go
 under ``common_sense_reasoning`` (multiple choice, True/False) or ``math`` (exact answers) with DnD's
 data set name, synthetic ones under ``synthetic-<family>`` with the task name.
@@ -50,7 +50,8 @@ def expand_task_names(names: list[str], data_dir: str | None) -> list[str]:
             elif name in TASK_FAMILIES:
                 found = [name]
             else:
-                raise TeacherError(f"--tasks: unknown synthetic task {name!r}: use all (suite v{DEFAULT_SUITE}), v1, v2, a family "
+                raise TeacherError(f"--tasks: unknown synthetic task {name!r}: use all (suite v{DEFAULT_SUITE}), "
+                                   f"{', '.join(SUITE_NAMES)}, a family "
                                    f"({', '.join(FAMILIES)}) or a member such as kind_3")
         elif name == "all":
             found = [s.name for s in TASKS.values() if any(p.is_file() for p in split_paths(data_dir, s, "train"))]

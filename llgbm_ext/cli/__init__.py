@@ -11,9 +11,11 @@ import argparse
 import sys
 
 from ..errors import LLGBMError
-from . import ablate, analogy, criterion_weights, data, deltas, demo, dnd, eval, generate, model, teachers, tokens, train
+from . import (ablate, analogy, criterion_weights, data, deltas, demo, dnd, eval, generate, model, teachers, tokens,
+               train)
 
-SUBCOMMANDS = (ablate, analogy, criterion_weights, data, deltas, demo, dnd, eval, generate, model, teachers, tokens, train)
+SUBCOMMANDS = (ablate, analogy, criterion_weights, data, deltas, demo, dnd, eval, generate, model, teachers, tokens,
+               train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ pairs (a_i, b_i) (``word_colour -> word_not_colour``) and a source task x (``wor
 
 Both are affine combinations (weights sum to 1), taken in DnD's token space, where a generator writes,
 of each task's last teacher snapshot. On the default demo's teachers the negated members score 0 % by
-translation and 95-98 % by reflection (README "Results"): negation is a reflection, which no affine
+translation and 94-96 % by reflection (README "Results"): negation is a reflection, which no affine
 map extrapolates to a new category.
 """
 
@@ -42,9 +42,11 @@ class Combination:
 
     def formula(self) -> str:
         """``-word_food + 0.333·word_colour + …``"""
-        terms = [f"{'-' if w < 0 else '+'} {'' if abs(w) == 1 else f'{abs(w):.3g}·'}{t}"
-                 for t, w in self.weights.items()]
-        return " ".join(terms).removeprefix("+ ").replace("- ", "-", 1 if terms[0].startswith("-") else 0)
+        text = ""
+        for i, (task, w) in enumerate(self.weights.items()):
+            sign = ("-" if w < 0 else "") if i == 0 else (" - " if w < 0 else " + ")
+            text += f"{sign}{'' if abs(w) == 1 else f'{abs(w):.3g}·'}{task}"
+        return text
 
 
 def translation(source: str, pairs: Sequence[Pair]) -> dict[str, float]:

@@ -50,6 +50,7 @@ def test_the_reflection_of_a_reflected_teacher_scores_as_the_teacher(reflected):
     assert by_name["reflection"]["accuracy"] == by_name["teacher"]["accuracy"]
     assert by_name["translation"]["accuracy"] != by_name["teacher"]["accuracy"]  # the rows do tell them apart
     assert by_name["base"]["recovery"] == 0.0 and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert by_name["teacher"]["recovery"] == 1.0  # the teacher differs from the base model here: recovery is defined
     # a combination of one teacher is that teacher: its tokens decode to its own factors
     tokens = last_snapshot_tokens(teachers, ["word_food"])
     from llgbm_ext.delta.deltas import load_teacher_factors

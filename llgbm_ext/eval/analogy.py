@@ -29,6 +29,7 @@ import torch
 from ..data.teacher_set import TeacherSet
 from ..errors import LLGBMError
 from ..lora.tokens import detokenize, tokenize
+from .uncertainty import recovery
 
 Pair = tuple[str, str]
 
@@ -117,12 +118,11 @@ def score_analogies(teachers: TeacherSet, target: str, source: str, pairs: Seque
     base = evaluate_task(model, tokenizer, task, scoring, limit=limit)[0]
     adapters = AdapterBatch(FunctionalLoRA(model, teachers.layout), detokenize(stacked, teachers.layout))
     results = evaluate_task(model, tokenizer, task, scoring, adapters, limit=limit)
-    teacher = results[0].accuracy
-    gain = teacher - base.accuracy
     rows = [{"adapter": "base", "combination": "", "accuracy": base.accuracy}]
     rows += [{"adapter": c.name, "combination": c.formula(), "accuracy": r.accuracy} for c, r in zip(named, results)]
     for row in rows:
-        row["recovery"] = (row["accuracy"] - base.accuracy) / gain + 0.0 if abs(gain) >= 1 / base.total else math.nan
+        value = recovery(row["accuracy"], base.accuracy, results[0].accuracy, base.total)
+        row["recovery"] = math.nan if value is None else value + 0.0  # + 0.0: no "-0.00" for the base row
     return rows
 
 

@@ -79,17 +79,18 @@ def test_plans_hold_out_tasks_they_train_teachers_for():
         assert set(plan.held_out) < set(plan.tasks) and left_out < set(plan.tasks), name
         assert not set(plan.held_out) & set(plan.validation), name
         assert not left_out & set(plan.eval_in_distribution), name  # in-distribution tasks are trained on
-    default = PLANS["default"]  # suite v2, its held-out and validation members, at least 40 training tasks
-    assert default.held_out == held_out_tasks(2) and default.validation == validation_tasks(2)
+    default = PLANS["default"]  # suite v3, its held-out and validation members, at least 40 training tasks
+    assert default.held_out == held_out_tasks(3) and default.validation == validation_tasks(3)
     assert len(default.tasks) - len(default.held_out) - len(default.validation) >= 40 and default.seeds == 3
     assert PLANS["v1"].held_out == ("kind_3", "category_food", "rank_2")  # suite v1's, for its families
     assert set(PLANS["v1"].held_out) < set(HELD_OUT)
-    v3 = PLANS["v3"]  # the default's budgets on v2 and the none family; v2's held-out members stay held out
-    assert v3.held_out == held_out_tasks(3) and set(default.held_out) < set(v3.held_out)
-    assert set(default.tasks) < set(v3.tasks) and v3.training == default.training and v3.seeds == 3
+    v2 = PLANS["v2"]  # the default's budgets without the none family; v2's held-out members stay held out
+    assert v2.held_out == held_out_tasks(2) and set(v2.held_out) < set(default.held_out)
+    assert set(v2.tasks) < set(default.tasks) and v2.training == default.training and v2.seeds == 3
     from llgbm_ext.cli.demo import plan_and_out
 
-    assert plan_and_out(_demo_args("--v3")) == (v3, "runs/demo-v3")
+    assert plan_and_out(_demo_args()) == (default, "runs/demo")
+    assert plan_and_out(_demo_args("--v2")) == (v2, "runs/demo-v2")
 
 
 # --real --hold-out, the held-out evaluation limit and the sampling errors (no SmolLM2 run: plans, fake teachers).

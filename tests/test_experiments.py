@@ -201,6 +201,21 @@ def test_config_refuses_a_variant_named_like_a_reference_row():
         ComparisonConfig(variants=(Variant("multitask_lora"),))
     with pytest.raises(LLGBMError, match="multitask_lora_steps must be at least 1"):
         ComparisonConfig(multitask_lora_steps=0)
+    with pytest.raises(LLGBMError, match="multitask_lora_lr must be positive"):
+        ComparisonConfig(multitask_lora_lr=0.0)
+
+
+def test_multitask_lora_lr_overrides_the_teachers_lr(teachers):
+    from llgbm_ext.data.teacher_set import load_teacher_set
+    from llgbm_ext.experiments.comparison import _multitask_config
+    from llgbm_ext.teachers.config import TeacherConfig
+
+    teacher_set = load_teacher_set(teachers)
+    default = _multitask_config(ComparisonConfig(teachers=str(teachers), **MULTITASK_FAST), teacher_set, 0)
+    assert default.lr == TeacherConfig.lr
+    faster = _multitask_config(ComparisonConfig(teachers=str(teachers), multitask_lora_lr=6e-3, **MULTITASK_FAST),
+                               teacher_set, 0)
+    assert faster.lr == 6e-3 and faster.total_steps == default.total_steps == 2
 
 
 def test_multitask_lora_trains_on_the_mixture_and_is_cached(teachers, tmp_path, monkeypatch):
@@ -277,3 +292,14 @@ def test_validation_and_excluded_tasks_are_never_trained_on(teachers):
 
     with pytest.raises(LLGBMError, match="needs held-out or validation tasks"):
         train_comparison(ComparisonConfig(teachers=str(teachers), exclude=(THIRD,)), progress=False)
+
+
+def test_schedule_starts_one_job_of_each_kind_then_longest_first():
+    from llgbm_ext.experiments.comparison import schedule
+
+    jobs = [(("weight_only", s), 1400) for s in range(2)] + [(("llgbm", s), 7000 + s) for s in range(3)]
+    jobs += [(("multitask_lora", s), 6300) for s in range(2)]
+    order = [key for key, _ in schedule(jobs)]
+    assert order[:3] == [("llgbm", 2), ("multitask_lora", 0), ("weight_only", 0)]  # the longest of each kind
+    assert order[3:] == [("llgbm", 1), ("llgbm", 0), ("multitask_lora", 1), ("weight_only", 1)]
+    assert sorted(order) == sorted(key for key, _ in jobs) and schedule([]) == []

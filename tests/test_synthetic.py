@@ -25,7 +25,7 @@ def suite():
 def test_suite_size_kinds_and_splits(suite):
     assert len(suite) == len(TASK_FAMILIES) and len({t.name for t in suite}) == len(suite)
     assert {t.kind for t in suite} >= {"mc", "exact"}
-    assert len(SUITES[1]) == 18 and DEFAULT_SUITE == 2 and [t.name for t in synthetic_suite(SMALL)] == list(SUITES[2])
+    assert len(SUITES[1]) == 18 and DEFAULT_SUITE == 3 and [t.name for t in synthetic_suite(SMALL)] == list(SUITES[3])
     # v3 is v2 and the none family: the same names are the same tasks
     assert SUITES[3] == SUITES[2] + tuple(f"none_{p}" for p in FAMILIES["none"].params) and len(SUITES[3]) == 59
     assert held_out_tasks(3) == held_out_tasks(2) + ("none_food_body",)
@@ -193,7 +193,7 @@ def test_task_names_expand_to_suites_and_families():
     from llgbm_ext.teachers.config import TeacherError
     from llgbm_ext.teachers.tasks import expand_task_names
 
-    assert expand_task_names(["all"], None) == list(SUITES[DEFAULT_SUITE]) == list(SUITES[2])
+    assert expand_task_names(["all"], None) == list(SUITES[DEFAULT_SUITE]) == list(SUITES[3])
     assert expand_task_names(["v1"], None) == list(SUITES[1])
     assert expand_task_names(["word", "kind_3", "word_food"], None) == [
         *(f"word_{p}" for p in FAMILIES["word"].params), "kind_3"]

@@ -1,4 +1,4 @@
-"""``llgbm demo [--quick | --real [--hold-out TASK] | --v1 | --v3]``: the README's main job (experiments/demo.py), with a printed comparison."""
+"""``llgbm demo [--quick | --real [--hold-out TASK] | --v1 | --v2]``: the README's main job (experiments/demo.py), with a printed comparison."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ def register(sub, common) -> None:
                            "default ARC-e; under an hour on 2 cores)")
     size.add_argument("--v1", action="store_true",
                       help="the earlier default on synthetic suite v1 (13 tasks), to reproduce earlier results")
-    size.add_argument("--v3", action="store_true",
-                      help="the default on synthetic suite v3 (59 tasks: v2 and ten more negations), an experiment")
+    size.add_argument("--v2", action="store_true",
+                      help="the default's budgets on synthetic suite v2 (49 tasks: v3 without the ten 'none' "
+                           "negations), the previous default's suite")
     p.add_argument("--hold-out", metavar="TASK",
                    help="with --real: the task left out of generator training and evaluated on 200 test examples: "
                         "arc_e (default), arc_c, boolq, obqa or piqa")
     p.add_argument("--out", help="output folder (default runs/demo, runs/demo-quick, runs/demo-real, "
-                                 "runs/demo-real-TASK for another --hold-out, runs/demo-v1 or runs/demo-v3)")
+                                 "runs/demo-real-TASK for another --hold-out, runs/demo-v1 or runs/demo-v2)")
     p.add_argument("--seed", type=int, default=0, help="seed of teachers and generators (default 0)")
     p.add_argument("--threads", type=int, help="torch CPU threads of this process (default: torch's choice)")
     p.add_argument("--workers", type=positive_int, help="processes that train teachers and generators, one thread "
@@ -48,11 +49,11 @@ def plan_and_out(args):
 
     if args.hold_out is not None and not args.real:
         raise LLGBMError("--hold-out needs --real (the other demos have fixed held-out tasks)")
-    name = "real" if args.real else "quick" if args.quick else "v1" if args.v1 else "v3" if args.v3 else "default"
+    name = "real" if args.real else "quick" if args.quick else "v1" if args.v1 else "v2" if args.v2 else "default"
     plan = real_plan(args.hold_out or "arc_e") if args.real else PLANS[name]
     real = "runs/demo-real" if plan.held_out == ("arc_e",) else f"runs/demo-real-{plan.held_out[0]}"
     out = args.out or {"default": "runs/demo", "quick": "runs/demo-quick", "real": real, "v1": "runs/demo-v1",
-                       "v3": "runs/demo-v3"}[name]
+                       "v2": "runs/demo-v2"}[name]
     return plan, out
 
 

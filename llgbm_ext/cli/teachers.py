@@ -24,7 +24,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     source.add_argument("--synthetic", action="store_true", help="tasks of the embedded synthetic suite")
     p.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
                    help="arc_e arc_c boolq gsm8k hellaswag obqa piqa winogrande (with --data-dir); synthetic: "
-                        "task names (word_food), family names (word = all its members), v1, v2, v3 (a suite) or all (suite v2)")
+                        "task names (word_food), family names (word = all its members), v1, v2, v3 (a suite) or all (suite v3)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (continued if it holds an unfinished run)")
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--lora-rank", type=positive_int, help="rank (default 8; 16 for models of hidden size >= 1536)")

@@ -5,10 +5,10 @@ generator training is predictable from its siblings: its prompts (the conditions
 parameter, and what it asks lies between what they ask. Three versions; a task name always means the
 same task (v3 extends v2), so a run names its tasks and stays loadable.
 
-Suite v2 (the default, ``SUITES[2]``): four multiple-choice families, 49 tasks, made for
-generalisation. Every family has at least 9 members; the held-out and validation members are fixed
-here, before any tuning, and lie inside their family's range (each word of their parameter appears
-in training members' prompts):
+Suite v2 (``SUITES[2]``): four multiple-choice families, 49 tasks, made for generalisation. Every
+family has at least 9 members; the held-out and validation members are fixed here, before any
+tuning, and lie inside their family's range (each word of their parameter appears in training
+members' prompts):
 
   * ``word_c`` / ``word_not_c`` (10): the one option that is (is not) of category c, c = colour,
     animal, food, body, nature: "Which word is not a food?";
@@ -18,14 +18,15 @@ in training members' prompts):
   * ``digit_first_d`` (d = 1..9) / ``digit_last_d`` (d = 0..9) (19): the one number that begins (ends)
     with the digit d, "Which number ends with 4?".
 
-Suite v3 (``SUITES[3]``, an experiment on negation): v2 and one more family of negations, 59 tasks:
+Suite v3 (the default, ``SUITES[3]``): v2 and one more family of negations, 59 tasks:
 
   * ``none_c1_c2`` (10): the one option of neither of two categories, "Which word is not a colour or an
     animal?" (held out ``none_food_body`` and validation ``none_colour_nature``, as ``either``'s).
 
-  v2 has three training negations (``word_not_colour``/``body``/``nature``), and generators map the
-  held-out ``word_not_food`` to the adapter of ``word_food``; v3 asks whether more negated members teach
-  the generator to negate (README "Results": partly, and at a cost within the demo's budget).
+  v2's training tasks negate only three categories (``word_not_colour``/``body``/``nature``), and
+  generators map its held-out ``word_not_food`` to the adapter of ``word_food``: negating a category is a
+  reflection of its adapter, which they do not extrapolate from three examples (README "Results"). In
+  v3's training tasks every category is negated, alone or in a pair.
 
 Suite v1 (``SUITES[1]``, kept for earlier runs): 18 tasks, one held-out member per family:
 
@@ -226,7 +227,7 @@ FAMILIES: dict[str, Family] = {
 TASK_FAMILIES: dict[str, tuple[Family, int | str]] = {
     f.task_name(p): (f, p) for f in FAMILIES.values() for p in f.params
 }
-DEFAULT_SUITE = 2
+DEFAULT_SUITE = 3
 SUITES: dict[int, tuple[str, ...]] = {
     v: tuple(name for name, (f, _) in TASK_FAMILIES.items() if v in f.suites) for v in (1, 2, 3)
 }

@@ -99,7 +99,8 @@ class ComparisonConfig:
         multitask_lora: also train and evaluate the multitask LoRA baseline (one LoRA on the mixture of the
             training tasks per seed, cached in ``<out_dir>/runs/multitask_lora/seed<k>``).
         multitask_lora_steps, multitask_lora_batch: its budget: optimizer steps, and sequences per step, split
-            equally over the training tasks (rounded up to a multiple of their number); lr etc. as teachers.
+            equally over the training tasks (rounded up to a multiple of their number).
+        multitask_lora_lr: its learning rate (None: the teachers' default); the rest as teachers.
         out_dir: runs go to ``<out_dir>/runs/<variant>/seed<k>``, reports to ``<out_dir>``.
     """
 
@@ -122,6 +123,7 @@ class ComparisonConfig:
     multitask_lora: bool = True
     multitask_lora_steps: int = 400
     multitask_lora_batch: int = 20
+    multitask_lora_lr: float | None = None
     workers: int = 1
     out_dir: str = "runs/compare"
 
@@ -129,6 +131,8 @@ class ComparisonConfig:
         for name in ("multitask_lora_steps", "multitask_lora_batch", "workers"):
             if getattr(self, name) < 1:
                 raise LLGBMError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.multitask_lora_lr is not None and not self.multitask_lora_lr > 0:
+            raise LLGBMError(f"multitask_lora_lr must be positive (or null), got {self.multitask_lora_lr}")
         if self.held_out_limit is not None and self.held_out_limit < 1:
             raise LLGBMError(f"held_out_limit must be at least 1 (or null), got {self.held_out_limit}")
         taken = next((v.name for v in self.variants if v.name in ("base", "teacher", MULTITASK)), None)
@@ -194,7 +198,8 @@ def _multitask_config(cfg: ComparisonConfig, teachers: TeacherSet, seed: int):
 
     training = [t for t in teachers.task_names() if t not in left_out(cfg)]
     config = multitask_config(teachers, training, cfg.multitask_lora_steps, cfg.multitask_lora_batch, seed)
-    return replace(config, dtype=training_config(cfg, cfg.variants[0], seed).dtype)
+    lr = {"lr": cfg.multitask_lora_lr} if cfg.multitask_lora_lr is not None else {}
+    return replace(config, dtype=training_config(cfg, cfg.variants[0], seed).dtype, **lr)
 
 
 def _cost(tcfg) -> float:
@@ -203,14 +208,25 @@ def _cost(tcfg) -> float:
     return tcfg.steps * (1 + 4 * signals / (tcfg.loss.delta_every if tcfg.loss.mode == "delta_guided" else 1))
 
 
+def schedule(jobs: list[tuple]) -> list[tuple]:
+    """Jobs ``(key, cost, ...)`` in the order processes take them: the first job of each kind (variant or
+    multitask LoRA), then the rest, each part longest first. Runs of one kind share the targets they cache
+    on first use (teacher logits, prompt embeddings); started side by side, two of them would both compute
+    those, so the processes start on different kinds, and still finish together."""
+    ordered = sorted(jobs, key=lambda job: -job[1])
+    kinds = {job[0][0]: job for job in reversed(ordered)}  # each kind's first job in ``ordered``
+    first = [job for job in ordered if kinds[job[0][0]] is job]
+    return first + [job for job in ordered if kinds[job[0][0]] is not job]
+
+
 def train_runs(cfg: ComparisonConfig, progress: bool = True) -> tuple[dict[tuple[str, int], Path | None],
                                                                      dict[int, Path]]:
     """Train every (variant, seed) not already complete, and the multitask LoRAs (``cfg.multitask_lora``);
     returns (run folders, multitask LoRA of each seed). A run folder is None where the run diverged, which
     is reported and left out of the evaluation rather than ending the comparison.
 
-    With ``cfg.workers`` > 1 all of them are trained in that many processes of one torch thread each,
-    longest first; a run on one thread computes the same numbers on every machine, whatever its core count."""
+    With ``cfg.workers`` > 1 all of them are trained in that many processes of one torch thread each, in
+    the order of ``schedule``; a run on one thread computes the same numbers on every machine, whatever its core count."""
     from ..training.checkpoint import latest_checkpoint
     from ..training.trainer import config_digest
 
@@ -232,7 +248,7 @@ def train_runs(cfg: ComparisonConfig, progress: bool = True) -> tuple[dict[tuple
         cost = 7 * cfg.multitask_lora_steps  # a step: about 1.4 KL steps of _cost (measured on tiny)
         jobs += [((MULTITASK, seed), cost, _train_multitask_one, (cfg, seed)) for seed, out in multitask.items()
                  if not is_trained(teachers, _multitask_config(cfg, teachers, seed), out)]
-    jobs.sort(key=lambda job: -job[1])  # longest first: the processes finish together
+    jobs = schedule(jobs)
     done = {}
     if cfg.workers <= 1:
         for key, _, function, args in jobs:

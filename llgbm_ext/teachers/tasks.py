@@ -2,7 +2,7 @@
 
 Task names are as users type them: ``arc_e boolq gsm8k …`` with ``--data-dir`` (DnD's file names come
 from ``data.dnd_format``), or synthetic names (``kind_3``), family names (``kind`` = every member),
-``v1``/``v2``/``v3`` (every task of a suite version) or ``all`` (the default suite, v2). DnD keeps one folder
+``v1``/``v2``/``v3`` (every task of a suite version) or ``all`` (the default suite, v3). DnD keeps one folder
 of checkpoints per data set, ``data/<family>/<Dataset>/``: real tasks go
 under ``common_sense_reasoning`` (multiple choice, True/False) or ``math`` (exact answers) with DnD's
 data set name, synthetic ones under ``synthetic-<family>`` with the task name.

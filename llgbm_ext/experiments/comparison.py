@@ -226,7 +226,8 @@ def train_runs(cfg: ComparisonConfig, progress: bool = True) -> tuple[dict[tuple
     is reported and left out of the evaluation rather than ending the comparison.
 
     With ``cfg.workers`` > 1 all of them are trained in that many processes of one torch thread each, in
-    the order of ``schedule``; a run on one thread computes the same numbers on every machine, whatever its core count."""
+    the order of ``schedule``; a run on one thread computes the same numbers whatever the core count (not
+    across CPU types: kernels round differently)."""
     from ..training.checkpoint import latest_checkpoint
     from ..training.trainer import config_digest
 

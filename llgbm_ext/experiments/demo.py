@@ -12,7 +12,8 @@ pipeline, three budgets.
 
 Every stage is cached under the output folder, so a second run only re-evaluates. Teachers (in task
 groups), generators and multitask LoRAs are trained in parallel processes of one thread each
-(``workers``), which is faster on small models and gives the same numbers on every machine. The
+(``workers``), which is faster on small models and gives the same numbers whatever the core count (on
+one CPU type: another type's kernels round differently, README "Results"). The
 budgets below were chosen by measurement on 2 CPU cores (README "Results"); the recipe was chosen on
 in-distribution and validation tasks and never on the held-out ones.
 """

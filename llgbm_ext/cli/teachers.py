@@ -34,6 +34,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     text = p.add_argument_group("text format (evaluation uses the same)")
     text.add_argument("--format", choices=["cloze", "option", "letter"],
                       help="answer style: default option for the synthetic suite, cloze for real tasks")
+    text.add_argument("--objective", choices=["lm", "choice"], default=d.objective,
+                      help="lm: cross-entropy on the gold answer (default); choice: cross-entropy over the options' "
+                           "scores, as evaluation decides (multiple-choice tasks only)")
     text.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     text.add_argument("--use-system", action="store_true", help="include the records' system prompts (chat template only)")
     text.add_argument("--max-length", type=positive_int, default=d.max_length, help=f"tokens per sequence (default {d.max_length})")
@@ -96,7 +99,8 @@ def config_from_args(args):
     return TeacherConfig(
         base_model=args.base_model, tasks=tuple(expand_task_names(args.tasks, args.data_dir)), data_dir=args.data_dir,
         rank=args.lora_rank, alpha=args.lora_alpha, targets=tuple(args.targets), answer_style=args.format,
-        chat_template=args.chat_template, use_system=args.use_system, max_length=args.max_length,
+        objective=args.objective, chat_template=args.chat_template, use_system=args.use_system,
+        max_length=args.max_length,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, lr_warmup=args.lr_warmup,
         warmup_steps=_budget(args, "warmup_steps", QUICK, d.warmup_steps),
         snapshot_every=_budget(args, "snapshot_every", QUICK, d.snapshot_every),

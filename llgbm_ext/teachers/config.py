@@ -17,6 +17,8 @@ from ..errors import LLGBMError
 from ..lora.layout import PROJECTIONS
 
 AnswerStyle = Literal["cloze", "option", "letter"]
+Objective = Literal["lm", "choice"]
+OBJECTIVES = ("lm", "choice")
 Init = Literal["shared", "per-task"]
 INIT_KINDS = ("shared", "per-task")
 
@@ -37,6 +39,8 @@ class TeacherConfig:
         targets: adapted projections.
         answer_style: None picks ``option`` for the synthetic suite (its rank tasks need the listed
             numbers) and ``cloze`` for real tasks (what small models learn; see data.formatting).
+        objective: ``lm``: cross-entropy on the gold answer's tokens; ``choice`` (multiple-choice tasks only):
+            cross-entropy of the softmax over the options' scores, the rule evaluation decides by (teachers.train).
         chat_template, use_system: wrap prompts in the tokenizer's chat template (with the system prompt).
         max_length: tokens per training sequence; longer ones lose the beginning of their context.
         batch_size: training sequences per task and step.
@@ -62,6 +66,7 @@ class TeacherConfig:
     alpha: float | None = None
     targets: tuple[str, ...] = PROJECTIONS
     answer_style: AnswerStyle | None = None
+    objective: Objective = "lm"
     chat_template: bool = False
     use_system: bool = False
     max_length: int = 96
@@ -101,6 +106,8 @@ class TeacherConfig:
             raise TeacherError("lr and max_grad_norm must be positive, weight_decay >= 0, 0 <= min_lr_ratio <= 1")
         if self.answer_style not in (None, "cloze", "option", "letter"):
             raise TeacherError(f"answer_style must be cloze, option or letter, got {self.answer_style!r}")
+        if self.objective not in OBJECTIVES:
+            raise TeacherError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.eval_limit is not None and self.eval_limit < 0:
             raise TeacherError(f"eval_limit must not be negative, got {self.eval_limit}")
         if self.init not in INIT_KINDS:
@@ -135,6 +142,8 @@ class TeacherConfig:
     def training_digest(self) -> dict:
         """The settings a saved training state depends on; a resumed run must have the same."""
         ignored = {"save_every", "eval_limit", "probes", "delta_cache", "max_prompts", "device"}
+        if self.objective == "lm":  # runs from before the choice objective existed continue under the same digest
+            ignored.add("objective")
         return {k: v for k, v in self.to_dict().items() if k not in ignored}
 
     def digest(self) -> str:

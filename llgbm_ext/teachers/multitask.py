@@ -2,7 +2,8 @@
 
 It is what Text-to-LoRA compares generators with: a single adapter that has seen every training task
 and none of the held-out ones. It is trained as the teachers are (``GroupTrainer``: PEFT's LoRA, AdamW,
-warm-up + cosine, per-adapter clipping), each task in its teachers' answer format (manifest), from
+warm-up + cosine, per-adapter clipping), each task in its teachers' answer format and with their
+objective (manifest), from
 the teachers' shared initial adapter when the manifest records one. Every step draws the same number
 of sequences from every task, so large tasks do not outweigh small ones.
 
@@ -42,6 +43,11 @@ def task_format(teachers: TeacherSet, task: str) -> PromptFormat:
     return PromptFormat(**record) if record else PromptFormat()
 
 
+def task_objective(teachers: TeacherSet, task: str) -> str:
+    """The objective the teachers of ``task`` were trained with (manifest; ``lm`` for manifests without one)."""
+    return teachers.tasks.get(task, {}).get("objective", "lm")
+
+
 def training_task(name: str, data_dir: str | None) -> Task:
     """A task's training split: the synthetic suite's, or a DnD-format file in ``data_dir``."""
     from ..data.synthetic import TASK_FAMILIES, get_synthetic_task
@@ -59,8 +65,16 @@ def mixture(tasks: list[EncodedTask], name: str = NAME) -> EncodedTask:
     """The sequences of several tasks as one task, right-padded to one width (task by task, in order)."""
     width = max(t.ids.shape[1] for t in tasks)
     ids = torch.cat([F.pad(t.ids, (0, width - t.ids.shape[1]), value=t.pad_id) for t in tasks])
-    return EncodedTask(name, ids, torch.cat([t.lengths for t in tasks]), torch.cat([t.num_target for t in tasks]),
-                       tasks[0].pad_id, sum(t.skipped for t in tasks))
+    mixed = EncodedTask(name, ids, torch.cat([t.lengths for t in tasks]), torch.cat([t.num_target for t in tasks]),
+                        tasks[0].pad_id, sum(t.skipped for t in tasks))
+    if any(t.option_rows is not None for t in tasks):  # choice objective: option rows counted from the mixture's start
+        if any(t.option_rows is None for t in tasks):
+            raise TeacherError("the multitask LoRA mixes tasks encoded for the choice objective with others")
+        offsets = np.cumsum([0] + [len(t.lengths) for t in tasks]).tolist()
+        starts = [t.option_rows[:-1] + o for t, o in zip(tasks, offsets)]
+        mixed.option_rows = torch.cat(starts + [torch.tensor([offsets[-1]])])
+        mixed.gold = torch.cat([t.gold + o for t, o in zip(tasks, offsets)])
+    return mixed
 
 
 class MixtureTrainer(GroupTrainer):
@@ -75,18 +89,22 @@ class MixtureTrainer(GroupTrainer):
     def batch(self, step: int) -> Batch:
         indices = np.concatenate([offset + step_indices(len(t), self.config.batch_size, self.config.seed, t.name, step)
                                   for offset, t in zip(self.offsets, self.parts)])
-        b = make_batch(self.tasks, [indices])
-        return Batch(*(x.to(self.device) for x in (b.input_ids, b.attention_mask, b.predicts, b.targets)))
+        return make_batch(self.tasks, [indices]).to(self.device)
 
 
 def multitask_config(teachers: TeacherSet, tasks: list[str], steps: int, batch: int, seed: int) -> TeacherConfig:
     """Teacher settings of the multitask LoRA: ``steps`` steps of ``batch`` sequences, split equally over
-    ``tasks`` (rounded up to a multiple of their number), the teachers' rank, alpha and targets."""
+    ``tasks`` (rounded up to a multiple of their number), the teachers' rank, alpha, targets and objective."""
     if not tasks:
         raise TeacherError(f"{teachers.root}: no training task left for the multitask LoRA")
+    objectives = sorted({task_objective(teachers, t) for t in tasks})
+    if len(objectives) > 1:
+        raise TeacherError(f"{teachers.root}: teachers trained with different objectives ({', '.join(objectives)}); "
+                           "one multitask LoRA is trained with one")
     layout = teachers.layout
-    return TeacherConfig(base_model=teachers.model_name, tasks=tuple(tasks), rank=layout.rank, alpha=layout.alpha,
-                         targets=tuple(layout.targets), batch_size=-(-batch // len(tasks)), warmup_steps=0,
+    return TeacherConfig(base_model=teachers.model_name, tasks=tuple(tasks), objective=objectives[0],
+                         rank=layout.rank, alpha=layout.alpha, targets=tuple(layout.targets),
+                         batch_size=-(-batch // len(tasks)), warmup_steps=0,
                          snapshot_every=steps, snapshots=1, seed=seed, eval_limit=0, probes=None)
 
 
@@ -121,7 +139,7 @@ def train_multitask_lora(model, tokenizer, teachers: TeacherSet, config: Teacher
         return out
     wanted = settings(teachers, config)
     encoded = [encode_task(training_task(t, data_dir), tokenizer, task_format(teachers, t), config.max_length,
-                           tokenizer.pad_token_id) for t in config.tasks]
+                           tokenizer.pad_token_id, config.objective) for t in config.tasks]
     trainer = MixtureTrainer(model, teachers.layout, encoded, config, out)  # never saves state: minutes, not resumed
     if teachers.init_adapter is not None:
         layout = teachers.layout

@@ -119,7 +119,8 @@ def manifest_entries(out: Path, tasks: list[TeacherTask], config: TeacherConfig,
     for task in tasks:
         records = read_losses(out, task.name)
         info[task.name] = {"kind": task.task.kind, "family": task.family, "prompts": task.prompts,
-                           "dnd_folder": task.dnd_folder, "format": format_record(fmt), "licence": task.task.licence,
+                           "dnd_folder": task.dnd_folder, "format": format_record(fmt), "objective": config.objective,
+                           "licence": task.task.licence,
                            "train_examples": len(task.task.train), "test_examples": len(task.task.test),
                            **quality.get(task.name, {})}
         for index, step in enumerate(config.snapshot_steps()):

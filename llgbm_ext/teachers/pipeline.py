@@ -26,7 +26,7 @@ from ..atomic import write_text
 from ..data.formatting import PromptFormat
 from ..lora.adapters import WEIGHTS_NAME
 from ..lora.layout import LoraLayout, layout_from_config
-from .batches import EncodedTask, encode_pairs, training_pairs
+from .batches import EncodedTask, encode_choices, encode_pairs, training_pairs
 from .config import TeacherConfig, TeacherError
 from .output import (
     adapter_path, append_losses, dnd_file, read_losses, snapshot_loss, truncate_losses, write_initial_adapter, write_train_inputs,
@@ -220,8 +220,12 @@ def train_teachers(config: TeacherConfig, out_dir: str | Path, progress: bool = 
         group = tasks[g : g + config.tasks_per_group]
         encoded: list[EncodedTask] = []
         for t in group:
-            contexts, targets, skipped = training_pairs(t.task, fmt, tokenizer)
-            e = encode_pairs(t.name, contexts, targets, tokenizer, fmt, config.max_length, tokenizer.pad_token_id, skipped)
+            contexts, targets, skipped = training_pairs(t.task, fmt, tokenizer)  # also the KL signal's inputs
+            if config.objective == "choice":
+                e = encode_choices(t.task, tokenizer, fmt, config.max_length, tokenizer.pad_token_id)
+            else:
+                e = encode_pairs(t.name, contexts, targets, tokenizer, fmt, config.max_length, tokenizer.pad_token_id,
+                                 skipped)
             encoded.append(e)
             answer_tokens[t.name] = int(e.num_target.max())
             quality[t.name] = {"train_used": len(e), "train_skipped": e.skipped,

@@ -1,9 +1,12 @@
 """Batched LoRA training: the teachers of K tasks trained at once on one frozen base model.
 
 The LoRA factors of K tasks are leaf tensors with a leading K dim (``A: (K, L, r, in)``,
-``B: (K, L, out, r)``). One forward of ``FunctionalLoRA`` runs K·P sequences, rows k·P … (k+1)·P − 1
-through task k's adapter; the loss is the sum over tasks of each task's mean cross-entropy on its
-answer tokens (the prompt is masked). Since the factors of different tasks share nothing, the
+``B: (K, L, out, r)``). One forward of ``FunctionalLoRA`` runs every task's sequences, each through its
+task's adapter; the loss is the sum over tasks of each task's loss. The ``lm`` objective (default) is
+the mean cross-entropy on the answer tokens (the prompt is masked). The ``choice`` objective is the
+loss a multiple-choice task is scored by: each option's mean per-token log-likelihood is its score
+(``eval.scoring``'s default), and the loss is the cross-entropy of the softmax over an example's
+options against the gold one, averaged over the task's examples. Since the factors of different tasks share nothing, the
 gradient of task k's factors is the gradient of its own loss; AdamW acts element by element and
 gradients are clipped per task, so every task follows exactly the trajectory of a PEFT LoRA trained
 on it alone (kaiming-uniform A, zero B, scaling alpha / r, no dropout), at about the cost of one
@@ -66,18 +69,36 @@ def initial_adapter(layout: LoraLayout, seed: int) -> dict[str, Tensor]:
     return state_dict_from_factors({p: (a[0].detach(), b[0].detach()) for p, (a, b) in factors.items()}, layout)
 
 
+def _mean_by(values: Tensor, groups: Tensor, n: int) -> Tensor:
+    """(n,) mean of ``values`` over each group (0 for an empty group)."""
+    sums = torch.zeros(n, device=values.device).index_add(0, groups, values)
+    return sums / torch.bincount(groups, minlength=n).clamp(min=1)
+
+
+def choice_losses(scores: Tensor, batch: Batch, k: int) -> Tensor:
+    """(K,) each task's mean over its examples of −log softmax(option scores)[gold]; options per example may differ."""
+    real = batch.row_example >= 0  # fill rows (see make_batch) belong to no example
+    example, option = batch.row_example[real], scores[real]
+    examples = batch.gold.numel()
+    peak = torch.full((examples,), -torch.inf, device=scores.device).scatter_reduce(0, example, option.detach(), "amax")
+    shifted = (option - peak[example]).exp()
+    log_z = peak + torch.zeros(examples, device=scores.device).index_add(0, example, shifted).log()
+    return _mean_by(log_z - scores[batch.gold], batch.example_task, k)
+
+
 def task_losses(model: nn.Module, lora: FunctionalLoRA, factors: LoraFactors, batch: Batch) -> Tensor:
-    """(K,) mean cross-entropy of each task's target tokens; the LM head runs on those positions only."""
+    """(K,) each task's loss (see the module docstring); the LM head runs on the target positions only."""
     k = next(iter(factors.values()))[0].shape[0]
     rows = batch.input_ids.shape[0]
     with lora.apply(factors):
         hidden = get_backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                     use_cache=False).last_hidden_state  # (K*P, T, H)
+                                     use_cache=False).last_hidden_state  # (R, T, H)
     logits = model.get_output_embeddings()(hidden[batch.predicts]).float()  # (M, V)
     nll = F.cross_entropy(logits, batch.targets, reduction="none")  # (M,)
-    task = (torch.arange(rows, device=nll.device)[:, None] // (rows // k)).expand_as(batch.predicts)[batch.predicts]
-    sums = torch.zeros(k, device=nll.device).index_add(0, task, nll)
-    return sums / torch.bincount(task, minlength=k).clamp(min=1)
+    row = torch.arange(rows, device=nll.device)[:, None].expand_as(batch.predicts)[batch.predicts]  # (M,)
+    if batch.gold is None:
+        return _mean_by(nll, batch.row_task[row], k)
+    return choice_losses(-_mean_by(nll, row, rows), batch, k)
 
 
 def clip_per_task(factors: LoraFactors, max_norm: float) -> Tensor:
@@ -120,8 +141,7 @@ class GroupTrainer:
 
     def batch(self, step: int) -> Batch:
         indices = [step_indices(len(t), self.config.batch_size, self.config.seed, t.name, step) for t in self.tasks]
-        b = make_batch(self.tasks, indices)
-        return Batch(*(x.to(self.device) for x in (b.input_ids, b.attention_mask, b.predicts, b.targets)))
+        return make_batch(self.tasks, indices).to(self.device)
 
     def train_step(self) -> Tensor:
         """One optimizer step for every task; returns the (K,) losses before it."""

@@ -16,6 +16,7 @@ from llgbm_ext.data.teacher_set import load_teacher_set
 from llgbm_ext.eval.scoring import AdapterBatch, sequence_log_likelihoods
 from llgbm_ext.teachers.batches import encode_choices, encode_task, make_batch
 from llgbm_ext.teachers.config import TeacherConfig, TeacherError
+from llgbm_ext.teachers import multitask
 from llgbm_ext.teachers.multitask import MixtureTrainer, multitask_config
 from llgbm_ext.teachers.pipeline import teacher_layout, train_teachers
 from llgbm_ext.teachers.train import GroupTrainer, task_losses
@@ -92,7 +93,7 @@ def test_loss_is_cross_entropy_over_the_scores_evaluation_uses(tiny_model_dir):
         assert torch.allclose(ours[k], torch.stack(losses).mean(), atol=1e-4), k
 
 
-def test_choice_run_records_its_objective_and_the_multitask_lora_follows(tiny_model_dir, tmp_path):
+def test_choice_run_records_its_objective_and_the_multitask_lora_follows(tiny_model_dir, tmp_path, monkeypatch):
     from llgbm_ext.models.registry import load_base_model
 
     tasks = ("category_food", "category_animal")
@@ -116,7 +117,15 @@ def test_choice_run_records_its_objective_and_the_multitask_lora_follows(tiny_mo
     mixed = trainer.tasks[0]
     first = len(encoded[0].lengths)
     assert torch.equal(mixed.gold[len(encoded[0]):], encoded[1].gold + first)  # the second task's rows come after
-    assert torch.isfinite(trainer.train_step()).all()
+
+    # a step in chunks of a few option rows equals the step in one forward (loss and new weights)
+    whole, chunked = (MixtureTrainer(model, teachers.layout, encoded, config, tmp_path / n) for n in "wc")
+    loss_whole = whole.train_step()
+    monkeypatch.setattr(multitask, "CHOICE_ROWS", 5)
+    loss_chunked = chunked.train_step()
+    assert torch.allclose(loss_whole, loss_chunked, atol=1e-5) and torch.isfinite(loss_whole).all()
+    for proj, (a, b) in whole.factors.items():
+        assert torch.allclose(b, chunked.factors[proj][1], atol=1e-6) and b.abs().max() > 0
 
 
 def test_lm_digest_is_unchanged_and_choice_changes_it():

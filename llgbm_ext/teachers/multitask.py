@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data.formatting import PromptFormat
@@ -30,9 +31,10 @@ from ..lora.adapters import WEIGHTS_NAME, load_adapter, save_peft_adapter
 from ..lora.factors import factors_from_state_dict
 from .batches import Batch, EncodedTask, encode_task, make_batch, step_indices
 from .config import TeacherConfig, TeacherError
-from .train import GroupTrainer
+from .train import GroupTrainer, task_losses
 
 NAME = "multitask_lora"
+CHOICE_ROWS = 24  # option rows per forward under the choice objective (SmolLM2-135M: a few GB)
 SETTINGS = "settings.json"
 LOSSES = "losses.json"
 
@@ -86,10 +88,30 @@ class MixtureTrainer(GroupTrainer):
         self.parts = tasks
         self.offsets = np.cumsum([0] + [len(t) for t in tasks[:-1]])
 
+    def indices(self, step: int) -> np.ndarray:
+        return np.concatenate([offset + step_indices(len(t), self.config.batch_size, self.config.seed, t.name, step)
+                               for offset, t in zip(self.offsets, self.parts)])
+
     def batch(self, step: int) -> Batch:
-        indices = np.concatenate([offset + step_indices(len(t), self.config.batch_size, self.config.seed, t.name, step)
-                                  for offset, t in zip(self.offsets, self.parts)])
-        return make_batch(self.tasks, [indices]).to(self.device)
+        return make_batch(self.tasks, [self.indices(step)]).to(self.device)
+
+    def backward(self, step: int) -> Tensor:
+        """As ``GroupTrainer.backward``; under the choice objective the examples go through in chunks of at most
+        CHOICE_ROWS option rows (one sequence per option of every task would not fit in memory), each chunk's
+        mean loss weighted by its share of the examples: the same loss and gradient as one forward."""
+        mixed = self.tasks[0]
+        if mixed.option_rows is None:
+            return super().backward(step)
+        indices = self.indices(step)
+        options = (mixed.option_rows[1:] - mixed.option_rows[:-1])[torch.from_numpy(indices)]
+        chunk = (torch.cumsum(options, 0) - 1) // CHOICE_ROWS  # consecutive examples, at most CHOICE_ROWS rows each
+        total = torch.zeros(1, device=self.device)
+        for c in chunk.unique():
+            part = indices[(chunk == c).numpy()]
+            loss = task_losses(self.model, self.lora, self.factors, make_batch(self.tasks, [part]).to(self.device))
+            (loss * len(part) / len(indices)).sum().backward()
+            total += loss.detach() * len(part) / len(indices)
+        return total
 
 
 def multitask_config(teachers: TeacherSet, tasks: list[str], steps: int, batch: int, seed: int) -> TeacherConfig:

@@ -147,13 +147,18 @@ class GroupTrainer:
         """One optimizer step for every task; returns the (K,) losses before it."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, self.config)
-        losses = task_losses(self.model, self.lora, self.factors, self.batch(self.step))
-        losses.sum().backward()
+        losses = self.backward(self.step)
         clip_per_task(self.factors, self.config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return losses.detach().cpu()
+        return losses.cpu()
+
+    def backward(self, step: int) -> Tensor:
+        """The (K,) losses of ``step``'s batch, their gradients accumulated into the factors."""
+        losses = task_losses(self.model, self.lora, self.factors, self.batch(step))
+        losses.sum().backward()
+        return losses.detach()
 
     def adapter(self, k: int) -> dict[str, Tensor]:
         """Task k's current adapter as a PEFT state dict (CPU copies)."""

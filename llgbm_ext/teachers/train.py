@@ -6,8 +6,8 @@ task's adapter; the loss is the sum over tasks of each task's loss. The ``lm`` o
 the mean cross-entropy on the answer tokens (the prompt is masked). The ``choice`` objective is the
 loss a multiple-choice task is scored by: each option's mean per-token log-likelihood is its score
 (``eval.scoring``'s default), and the loss is the cross-entropy of the softmax over an example's
-options against the gold one, averaged over the task's examples. Since the factors of different tasks share nothing, the
-gradient of task k's factors is the gradient of its own loss; AdamW acts element by element and
+options against the gold one, averaged over the task's examples. Since the factors of different
+tasks share nothing, the gradient of task k's factors is the gradient of its own loss; AdamW acts element by element and
 gradients are clipped per task, so every task follows exactly the trajectory of a PEFT LoRA trained
 on it alone (kaiming-uniform A, zero B, scaling alpha / r, no dropout), at about the cost of one
 forward instead of K (tests/test_teachers.py checks steps against PEFT).

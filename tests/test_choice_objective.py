@@ -1,5 +1,6 @@
-"""The choice objective of teachers: rows per option, a loss equal to cross-entropy over the options' scores as
-evaluation computes them, a run that records it, a multitask LoRA that inherits it, and clear errors."""
+"""The choice and lm+choice objectives of teachers: rows per option, a loss equal to cross-entropy over the options'
+scores as evaluation computes them (plus the gold option's lm term), a run that records it, a multitask LoRA that
+inherits it, and clear errors."""
 
 import json
 
@@ -75,7 +76,8 @@ def test_loss_is_cross_entropy_over_the_scores_evaluation_uses(tiny_model_dir):
             b.copy_(torch.randn(b.shape, generator=generator) * 0.05)
     batch = trainer.batch(0)
     assert (batch.row_example < 0).sum() == 3  # 9 option rows of a, 6 of b: b is filled up
-    ours = task_losses(model, trainer.lora, trainer.factors, batch)
+    ours = task_losses(model, trainer.lora, trainer.factors, batch, "choice")
+    both = task_losses(model, trainer.lora, trainer.factors, batch, "lm+choice")
 
     for k in range(2):
         adapter = AdapterBatch(trainer.lora, {p: (a[k : k + 1].detach(), b[k : k + 1].detach())
@@ -85,32 +87,39 @@ def test_loss_is_cross_entropy_over_the_scores_evaluation_uses(tiny_model_dir):
         scored = [int(batch.predicts[r].sum()) for r in rows]
         sums, _ = sequence_log_likelihoods(model, sequences, scored, tokenizer.pad_token_id, adapter)
         scores = sums[0] / torch.tensor(scored)  # evaluation's mean per-token log-likelihood
-        losses = []
+        losses, gold_nll = [], []
         for e in (batch.example_task == k).nonzero().flatten():
             mine = (batch.row_example[rows] == e).nonzero().flatten()
             gold = int((rows[mine] == batch.gold[e]).nonzero())
             losses.append(F.cross_entropy(scores[mine][None], torch.tensor([gold])))
+            gold_nll.append(-scores[mine][gold])
         assert torch.allclose(ours[k], torch.stack(losses).mean(), atol=1e-4), k
+        # lm+choice adds the gold option's mean per-token cross-entropy
+        assert torch.allclose(both[k], torch.stack(losses).mean() + torch.stack(gold_nll).mean(), atol=1e-4), k
+    with pytest.raises(TeacherError, match="lm objective needs a batch with one row per example"):
+        task_losses(model, trainer.lora, trainer.factors, batch, "lm")
 
 
-def test_choice_run_records_its_objective_and_the_multitask_lora_follows(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("objective", ["choice", "lm+choice"])
+def test_choice_run_records_its_objective_and_the_multitask_lora_follows(objective, tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
     from llgbm_ext.models.registry import load_base_model
 
     tasks = ("category_food", "category_animal")
-    report = train_teachers(_config(tiny_model_dir, tasks), tmp_path / "t", progress=False)
+    report = train_teachers(_config(tiny_model_dir, tasks, objective=objective), tmp_path / "t", progress=False)
     assert all(0 <= r["teacher_accuracy"] <= 1 for r in report.rows)
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
-    assert {info["objective"] for info in manifest["tasks"].values()} == {"choice"}
+    assert {info["objective"] for info in manifest["tasks"].values()} == {objective}
     assert all(r["final_loss"] < r["first_loss"] for r in report.rows)  # it trains
 
     teachers = load_teacher_set(tmp_path / "t")
     config = multitask_config(teachers, list(tasks), steps=2, batch=4, seed=0)
-    assert config.objective == "choice"
+    assert config.objective == objective
     model, tokenizer = load_base_model(tiny_model_dir)
     from llgbm_ext.teachers.multitask import task_format, training_task
 
     encoded = [encode_task(training_task(t, None), tokenizer, task_format(teachers, t), 48, tokenizer.pad_token_id,
-                           "choice") for t in tasks]
+                           objective) for t in tasks]
     trainer = MixtureTrainer(model, teachers.layout, encoded, config, tmp_path / "m")
     batch = trainer.batch(0)
     assert batch.gold.numel() == 4 and batch.row_example.unique().numel() == 4
@@ -128,15 +137,17 @@ def test_choice_run_records_its_objective_and_the_multitask_lora_follows(tiny_mo
         assert torch.allclose(b, chunked.factors[proj][1], atol=1e-6) and b.abs().max() > 0
 
 
-def test_lm_digest_is_unchanged_and_choice_changes_it():
+def test_lm_digest_is_unchanged_and_other_objectives_change_it():
     lm = TeacherConfig(base_model="tiny", tasks=("a",))
     assert "objective" not in lm.training_digest()  # runs from before the objective existed still continue
-    assert TeacherConfig(base_model="tiny", tasks=("a",), objective="choice").digest() != lm.digest()
+    objectives = ("lm", "choice", "lm+choice")
+    digests = {TeacherConfig(base_model="tiny", tasks=("a",), objective=o).digest() for o in objectives}
+    assert len(digests) == 3
 
 
 def test_bad_inputs_give_one_line_errors(tiny_model):
     _, tokenizer = tiny_model
-    with pytest.raises(TeacherError, match="objective must be one of lm, choice"):
+    with pytest.raises(TeacherError, match=r"objective must be one of lm, choice, lm\+choice"):
         TeacherConfig(base_model="tiny", tasks=("a",), objective="kl")
     exact = Task("sums", "exact", train=[Example("1 + 1 =", "2")])
     with pytest.raises(TeacherError, match="sums: the choice objective needs multiple-choice"):
@@ -149,8 +160,8 @@ def test_bad_inputs_give_one_line_errors(tiny_model):
 
 def test_cli_takes_the_objective():
     args = build_parser().parse_args(["teachers", "--base-model", "tiny", "--synthetic", "--tasks", "word_food",
-                                      "--out", "x", "--objective", "choice"])
-    assert config_from_args(args).objective == "choice"
+                                      "--out", "x", "--objective", "lm+choice"])
+    assert config_from_args(args).objective == "lm+choice"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["teachers", "--base-model", "tiny", "--synthetic", "--tasks", "word_food",
                                    "--out", "x", "--objective", "kl"])

@@ -14,7 +14,7 @@ from ..lora.layout import PROJECTIONS
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    from ..teachers.config import QUICK, TeacherConfig
+    from ..teachers.config import OBJECTIVES, QUICK, TeacherConfig
 
     d = TeacherConfig(base_model="", tasks=("x",))  # defaults, shown in --help
     p = sub.add_parser("teachers", parents=[common], help="train teacher LoRA adapters (snapshots of one trajectory per task)")
@@ -34,9 +34,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     text = p.add_argument_group("text format (evaluation uses the same)")
     text.add_argument("--format", choices=["cloze", "option", "letter"],
                       help="answer style: default option for the synthetic suite, cloze for real tasks")
-    text.add_argument("--objective", choices=["lm", "choice"], default=d.objective,
+    text.add_argument("--objective", choices=list(OBJECTIVES), default=d.objective,
                       help="lm: cross-entropy on the gold answer (default); choice: cross-entropy over the options' "
-                           "scores, as evaluation decides (multiple-choice tasks only)")
+                           "scores, as evaluation decides (multiple-choice tasks only); lm+choice: their sum")
     text.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     text.add_argument("--use-system", action="store_true", help="include the records' system prompts (chat template only)")
     text.add_argument("--max-length", type=positive_int, default=d.max_length, help=f"tokens per sequence (default {d.max_length})")
@@ -87,7 +87,7 @@ def config_from_args(args):
     import torch
 
     from ..errors import LLGBMError
-    from ..teachers.config import QUICK, TeacherConfig
+    from ..teachers.config import OBJECTIVES, QUICK, TeacherConfig
     from ..teachers.tasks import expand_task_names
 
     device = args.device

@@ -6,7 +6,7 @@ scored candidate tokens. It ends with the end-of-turn token (``<|im_end|>``) und
 else with the end-of-sequence token. A sequence longer than ``max_length`` loses the beginning of its
 context (as evaluation truncates contexts); a target longer than that loses its end.
 
-Under the ``choice`` objective (``encode_choices``) an example is one sequence per option, context +
+Under the ``choice`` and ``lm+choice`` objectives (``encode_choices``) an example is one sequence per option, context +
 candidate exactly as evaluation scores it (no end token), and the batch records which rows belong to
 which example and which row holds its gold option.
 
@@ -143,8 +143,8 @@ def encode_choices(task: Task, tokenizer, fmt: PromptFormat, max_length: int, pa
 
 def encode_task(task: Task, tokenizer, fmt: PromptFormat, max_length: int, pad_id: int,
                 objective: str = "lm") -> EncodedTask:
-    """Tokenize every usable training example of ``task`` for ``objective`` (``lm`` or ``choice``)."""
-    if objective == "choice":
+    """Tokenize every usable training example of ``task`` for ``objective`` (``lm``, ``choice`` or ``lm+choice``)."""
+    if objective != "lm":
         return encode_choices(task, tokenizer, fmt, max_length, pad_id)
     contexts, targets, skipped = training_pairs(task, fmt, tokenizer)
     return encode_pairs(task.name, contexts, targets, tokenizer, fmt, max_length, pad_id, skipped)

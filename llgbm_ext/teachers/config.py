@@ -17,8 +17,8 @@ from ..errors import LLGBMError
 from ..lora.layout import PROJECTIONS
 
 AnswerStyle = Literal["cloze", "option", "letter"]
-Objective = Literal["lm", "choice"]
-OBJECTIVES = ("lm", "choice")
+Objective = Literal["lm", "choice", "lm+choice"]
+OBJECTIVES = ("lm", "choice", "lm+choice")
 Init = Literal["shared", "per-task"]
 INIT_KINDS = ("shared", "per-task")
 
@@ -40,7 +40,8 @@ class TeacherConfig:
         answer_style: None picks ``option`` for the synthetic suite (its rank tasks need the listed
             numbers) and ``cloze`` for real tasks (what small models learn; see data.formatting).
         objective: ``lm``: cross-entropy on the gold answer's tokens; ``choice`` (multiple-choice tasks only):
-            cross-entropy of the softmax over the options' scores, the rule evaluation decides by (teachers.train).
+            cross-entropy of the softmax over the options' scores, the rule evaluation decides by (teachers.train);
+            ``lm+choice``: their sum, the lm term taken on the gold option's sequence.
         chat_template, use_system: wrap prompts in the tokenizer's chat template (with the system prompt).
         max_length: tokens per training sequence; longer ones lose the beginning of their context.
         batch_size: training sequences per task and step.

@@ -108,7 +108,8 @@ class MixtureTrainer(GroupTrainer):
         total = torch.zeros(1, device=self.device)
         for c in chunk.unique():
             part = indices[(chunk == c).numpy()]
-            loss = task_losses(self.model, self.lora, self.factors, make_batch(self.tasks, [part]).to(self.device))
+            batch = make_batch(self.tasks, [part]).to(self.device)
+            loss = task_losses(self.model, self.lora, self.factors, batch, self.config.objective)
             (loss * len(part) / len(indices)).sum().backward()
             total += loss.detach() * len(part) / len(indices)
         return total

@@ -221,7 +221,7 @@ def train_teachers(config: TeacherConfig, out_dir: str | Path, progress: bool = 
         encoded: list[EncodedTask] = []
         for t in group:
             contexts, targets, skipped = training_pairs(t.task, fmt, tokenizer)  # also the KL signal's inputs
-            if config.objective == "choice":
+            if config.objective != "lm":
                 e = encode_choices(t.task, tokenizer, fmt, config.max_length, tokenizer.pad_token_id)
             else:
                 e = encode_pairs(t.name, contexts, targets, tokenizer, fmt, config.max_length, tokenizer.pad_token_id,

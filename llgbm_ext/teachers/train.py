@@ -6,7 +6,10 @@ task's adapter; the loss is the sum over tasks of each task's loss. The ``lm`` o
 the mean cross-entropy on the answer tokens (the prompt is masked). The ``choice`` objective is the
 loss a multiple-choice task is scored by: each option's mean per-token log-likelihood is its score
 (``eval.scoring``'s default), and the loss is the cross-entropy of the softmax over an example's
-options against the gold one, averaged over the task's examples. Since the factors of different
+options against the gold one, averaged over the task's examples. ``lm+choice`` adds to that the gold
+option's mean per-token cross-entropy (the lm term on the sequence the choice term scores, without
+the end token), so the teacher learns to pick the answer while its next-token distributions stay
+those of an lm teacher (what the KL signal and the multitask LoRA learn from). Since the factors of different
 tasks share nothing, the gradient of task k's factors is the gradient of its own loss; AdamW acts element by element and
 gradients are clipped per task, so every task follows exactly the trajectory of a PEFT LoRA trained
 on it alone (kaiming-uniform A, zero B, scaling alpha / r, no dropout), at about the cost of one
@@ -86,8 +89,10 @@ def choice_losses(scores: Tensor, batch: Batch, k: int) -> Tensor:
     return _mean_by(log_z - scores[batch.gold], batch.example_task, k)
 
 
-def task_losses(model: nn.Module, lora: FunctionalLoRA, factors: LoraFactors, batch: Batch) -> Tensor:
-    """(K,) each task's loss (see the module docstring); the LM head runs on the target positions only."""
+def task_losses(model: nn.Module, lora: FunctionalLoRA, factors: LoraFactors, batch: Batch,
+                objective: str) -> Tensor:
+    """(K,) each task's loss under ``objective`` (see the module docstring); the LM head runs on the target
+    positions only. ``batch`` is encoded for it: one row per option unless ``lm``."""
     k = next(iter(factors.values()))[0].shape[0]
     rows = batch.input_ids.shape[0]
     with lora.apply(factors):
@@ -96,9 +101,16 @@ def task_losses(model: nn.Module, lora: FunctionalLoRA, factors: LoraFactors, ba
     logits = model.get_output_embeddings()(hidden[batch.predicts]).float()  # (M, V)
     nll = F.cross_entropy(logits, batch.targets, reduction="none")  # (M,)
     row = torch.arange(rows, device=nll.device)[:, None].expand_as(batch.predicts)[batch.predicts]  # (M,)
-    if batch.gold is None:
+    if (objective == "lm") != (batch.gold is None):
+        raise TeacherError(f"the {objective} objective needs a batch with one row per "
+                           f"{'example (encode_pairs)' if objective == 'lm' else 'option (encode_choices)'}")
+    if objective == "lm":
         return _mean_by(nll, batch.row_task[row], k)
-    return choice_losses(-_mean_by(nll, row, rows), batch, k)
+    row_nll = _mean_by(nll, row, rows)  # (R,) each option's mean per-token cross-entropy: minus its score
+    losses = choice_losses(-row_nll, batch, k)
+    if objective == "lm+choice":
+        losses = losses + _mean_by(row_nll[batch.gold], batch.example_task, k)
+    return losses
 
 
 def clip_per_task(factors: LoraFactors, max_norm: float) -> Tensor:
@@ -156,7 +168,7 @@ class GroupTrainer:
 
     def backward(self, step: int) -> Tensor:
         """The (K,) losses of ``step``'s batch, their gradients accumulated into the factors."""
-        losses = task_losses(self.model, self.lora, self.factors, self.batch(step))
+        losses = task_losses(self.model, self.lora, self.factors, self.batch(step), self.config.objective)
         losses.sum().backward()
         return losses.detach()
 

@@ -178,6 +178,26 @@ def test_standard_errors_match_a_hand_computation():
     assert math.isnan(recovery_se(0.55, 0.5, 0.5, 32))  # no gain, no recovery
 
 
+def test_paired_gain_se_matches_a_hand_computation_and_the_teacher_table_uses_it():
+    import math
+
+    from llgbm_ext.cli.teachers import clearly_better, format_table
+    from llgbm_ext.errors import LLGBMError
+    from llgbm_ext.eval.uncertainty import paired_gain_se
+
+    # differences 1, 0, 0, 1: mean 1/2, sample variance 1/3, SE = sqrt(1/3) / 2
+    assert paired_gain_se([1, 1, 0, 1], [0, 1, 0, 0]) == pytest.approx(math.sqrt(1 / 3) / 2)
+    assert paired_gain_se([1, 0, 1], [1, 0, 1]) == 0.0  # same answers: no uncertainty about the gain
+    with pytest.raises(LLGBMError, match="two equal lists"):
+        paired_gain_se([1, 0], [1])
+    rows = [{"task": t, "kind": "mc", "base_accuracy": b, "teacher_accuracy": a, "gain_se": se, "eval_examples": 200,
+             "first_loss": 2.0, "final_loss": 1.0}
+            for t, b, a, se in (("arc_e", 0.455, 0.62, 0.03), ("piqa", 0.65, 0.67, 0.02), ("obqa", 0.3, 0.27, 0.03))]
+    assert [clearly_better(r) for r in rows] == [True, False, False]
+    table = format_table(rows)
+    assert " +16.5%   3.0%  200 " in table and "teacher better on 2/3 tasks, by more than 2 SE on 1" in table
+
+
 def test_error_table_gives_accuracy_and_recovery_with_their_errors():
     import math
 

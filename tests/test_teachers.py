@@ -107,6 +107,12 @@ def test_a_second_run_keeps_the_scores_unless_what_they_depend_on_changed(tiny_m
     assert scored == [["category_colour"]] and rows[0] == first[0] and rows[1]["eval_key"] != first[1]["eval_key"]
     train_teachers(replace(config, eval_limit=3), tmp_path, progress=False)  # other examples: both again
     assert scored[-1] == ["category_food", "category_colour"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert all(0 <= info["gain_se"] <= 0.5 for info in manifest["tasks"].values())
+    del manifest["tasks"]["category_food"]["gain_se"]  # scored before the gain's SE was recorded: scored again
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    train_teachers(replace(config, eval_limit=3), tmp_path, progress=False)
+    assert scored[-1] == ["category_food"]
 
 
 def test_shared_init_is_identical_across_tasks_and_recorded(run_dir, tiny_model_dir):

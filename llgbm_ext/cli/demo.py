@@ -33,13 +33,15 @@ def register(sub, common) -> None:
 
 
 def teacher_table(rows: list[dict], held_out: tuple[str, ...], validation: tuple[str, ...] = ()) -> str:
-    """Base vs teacher accuracy per task (held-out and validation tasks marked)."""
-    lines = ["| task | base % | teacher % |", "|---|---:|---:|"]
+    """Base vs teacher accuracy per task, with the gain's paired SE (held-out and validation tasks marked)."""
+    lines = ["| task | base % | teacher % | gain ± paired SE |", "|---|---:|---:|---:|"]
     for row in rows:
         if "teacher_accuracy" in row:
             mark = " (held out)" if row["task"] in held_out else " (validation)" if row["task"] in validation else ""
             base, teacher = 100 * row["base_accuracy"], 100 * row["teacher_accuracy"]
-            lines.append(f"| {row['task']}{mark} | {base:.1f} | {teacher:.1f} |")
+            se = row.get("gain_se")
+            gain = f"{teacher - base:+.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
+            lines.append(f"| {row['task']}{mark} | {base:.1f} | {teacher:.1f} | {gain} |")
     return "\n".join(lines)
 
 

@@ -111,23 +111,39 @@ def config_from_args(args):
     )
 
 
+def _se(row: dict) -> str:
+    se = row.get("gain_se")
+    return f"{se:6.1%}" if se is not None else f"{'-':>6s}"
+
+
+def clearly_better(row: dict) -> bool:
+    """The teacher's gain over the base model is more than twice its paired standard error."""
+    se = row.get("gain_se")
+    return se is not None and row["teacher_accuracy"] - row["base_accuracy"] > 2 * se
+
+
 def format_table(rows: list[dict]) -> str:
-    """Base vs teacher accuracy and the loss at the first and the last snapshot, one line per task."""
-    lines = [f"{'task':16s} {'kind':5s} {'base':>6s} {'teacher':>7s} {'gain':>6s} {'n':>4s} {'loss first':>10s} {'final':>6s}"]
+    """Base vs teacher accuracy, the gain ± its paired SE, and the loss at the first and the last snapshot,
+    one line per task."""
+    lines = [f"{'task':16s} {'kind':5s} {'base':>6s} {'teacher':>7s} {'gain':>6s} {'± SE':>6s} {'n':>4s} "
+             f"{'loss first':>10s} {'final':>6s}"]
     for r in rows:
         base, teacher = r.get("base_accuracy"), r.get("teacher_accuracy")
         scored = base is not None
         lines.append(
             f"{r['task']:16s} {r['kind']:5s} "
-            + (f"{base:6.1%} {teacher:7.1%} {teacher - base:+6.1%} {r['eval_examples']:4d} " if scored else f"{'-':>6s} {'-':>7s} {'-':>6s} {'-':>4s} ")
+            + (f"{base:6.1%} {teacher:7.1%} {teacher - base:+6.1%} {_se(r)} {r['eval_examples']:4d} " if scored
+               else f"{'-':>6s} {'-':>7s} {'-':>6s} {'-':>6s} {'-':>4s} ")
             + f"{r['first_loss']:10.3f} {r['final_loss']:6.3f}"
         )
     scored = [r for r in rows if r.get("base_accuracy") is not None]
     if len(scored) > 1:
         mean = lambda key: sum(r[key] for r in scored) / len(scored)  # noqa: E731
         wins = sum(r["teacher_accuracy"] > r["base_accuracy"] for r in scored)
+        clear = sum(clearly_better(r) for r in scored)
         lines.append(f"{'mean':16s} {'':5s} {mean('base_accuracy'):6.1%} {mean('teacher_accuracy'):7.1%} "
-                     f"{mean('teacher_accuracy') - mean('base_accuracy'):+6.1%}   teacher better on {wins}/{len(scored)} tasks")
+                     f"{mean('teacher_accuracy') - mean('base_accuracy'):+6.1%}   teacher better on {wins}/{len(scored)} "
+                     f"tasks, by more than 2 SE on {clear}")
     return "\n".join(lines)
 
 

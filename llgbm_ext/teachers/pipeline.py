@@ -121,6 +121,7 @@ def evaluate_teachers(model, tokenizer, layout: LoraLayout, tasks: list[TeacherT
     from ..delta.deltas import load_teacher_factors
     from ..delta.functional import FunctionalLoRA
     from ..eval.scoring import AdapterBatch, ScoringConfig, evaluate_task
+    from ..eval.uncertainty import paired_gain_se
 
     lora = FunctionalLoRA(model, layout)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -133,12 +134,15 @@ def evaluate_teachers(model, tokenizer, layout: LoraLayout, tasks: list[TeacherT
                                 max_new_tokens=min(256, answer_tokens[task.name] + 2))
         base, trained = evaluate_task(model, tokenizer, task.task, scoring, AdapterBatch(lora, both),
                                       labels=["base", "teacher"], limit=config.eval_limit)
-        quality[task.name] = {"base_accuracy": base.accuracy, "teacher_accuracy": trained.accuracy,
+        gain_se = (paired_gain_se([e.correct for e in trained.examples], [e.correct for e in base.examples])
+                   if trained.total > 1 else None)
+        quality[task.name] = {"base_accuracy": base.accuracy, "teacher_accuracy": trained.accuracy, "gain_se": gain_se,
                               "eval_examples": trained.total, "eval_adapter": adapter_path(task.name, config.snapshots - 1)}
     return quality
 
 
-SCORES = ("base_accuracy", "teacher_accuracy", "eval_examples", "eval_adapter")  # what evaluate_teachers adds
+# what evaluate_teachers adds; gain_se: paired standard error of teacher − base (eval.uncertainty)
+SCORES = ("base_accuracy", "teacher_accuracy", "gain_se", "eval_examples", "eval_adapter")
 
 
 def evaluation_key(model_fingerprint: str, task: TeacherTask, out: Path, config: TeacherConfig, fmt: PromptFormat,
@@ -261,7 +265,8 @@ def train_teachers(config: TeacherConfig, out_dir: str | Path, progress: bool = 
         start = time.perf_counter()
         fingerprint = model_fingerprint(model_dir)
         keys = {t.name: evaluation_key(fingerprint, t, out, config, fmt, answer_tokens[t.name]) for t in tasks}
-        todo = [t for t in tasks if previous.get(t.name, {}).get("eval_key") != keys[t.name]]
+        todo = [t for t in tasks if previous.get(t.name, {}).get("eval_key") != keys[t.name]
+                or any(k not in previous[t.name] for k in SCORES)]  # scored before gain_se was recorded
         scores = (evaluate_teachers(model, tokenizer, layout, todo, out, config, fmt, answer_tokens, progress)
                   if todo else {})
         for t in tasks:

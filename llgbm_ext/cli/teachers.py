@@ -87,7 +87,7 @@ def config_from_args(args):
     import torch
 
     from ..errors import LLGBMError
-    from ..teachers.config import OBJECTIVES, QUICK, TeacherConfig
+    from ..teachers.config import QUICK, TeacherConfig
     from ..teachers.tasks import expand_task_names
 
     device = args.device

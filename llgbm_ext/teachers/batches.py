@@ -6,9 +6,9 @@ scored candidate tokens. It ends with the end-of-turn token (``<|im_end|>``) und
 else with the end-of-sequence token. A sequence longer than ``max_length`` loses the beginning of its
 context (as evaluation truncates contexts); a target longer than that loses its end.
 
-Under the ``choice`` and ``lm+choice`` objectives (``encode_choices``) an example is one sequence per option, context +
-candidate exactly as evaluation scores it (no end token), and the batch records which rows belong to
-which example and which row holds its gold option.
+Under the ``choice`` and ``lm+choice`` objectives (``encode_choices``) an example is one sequence per
+option, context + candidate exactly as evaluation scores it (no end token), and the batch records which
+rows belong to which example and which row holds its gold option.
 
 The examples of step ``s`` are a function of ``(seed, task, s)``: the task's examples in a random
 order drawn per epoch, so a resumed run sees the batches the interrupted one would have seen and a

@@ -163,8 +163,9 @@ PLANS: dict[str, DemoPlan] = {
     # diverged) and the multitask LoRA's to -0.04 ± 0.23, so the plan keeps the lm objective (lm+choice left
     # OBQA's teacher at base: the lm term dominates). PIQA's teacher gains 2.3 ± 0.8 points on all 1838 test
     # examples, less than 200 examples resolve (README). Teachers are scored on 200 test examples each;
-    # the held-out task is scored on 200 test examples (binomial SE ≤ 3.5 points), the in-distribution one on 32, for time. LLGBM: the tiny recipe's signal,
-    # KL at the answers of each task's training inputs (the real plan keeps two inputs per step).
+    # the held-out task is scored on 200 test examples (binomial SE ≤ 3.5 points), the in-distribution one
+    # on 32, for time. LLGBM: the tiny recipe's signal, KL at the answers of each task's training inputs (the
+    # real plan keeps two inputs per step).
     "real": DemoPlan(
         base_model="smollm2-135m", real_data=True, tasks=REAL_TASKS, held_out=("arc_e",),
         teacher=dict(warmup_steps=60, snapshot_every=3, snapshots=6, batch_size=4, lr=1e-3, max_length=64,

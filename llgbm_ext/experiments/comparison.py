@@ -258,10 +258,10 @@ def train_runs(cfg: ComparisonConfig, progress: bool = True) -> tuple[dict[tuple
             done[key] = function(*args, progress, None)
     else:
         import concurrent.futures
-        import multiprocessing
 
-        context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or locks
-        with concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=context) as pool, \
+        from ..workers import worker_pool
+
+        with worker_pool(cfg.workers) as pool, \
                 tqdm(total=len(jobs), desc=f"training ({cfg.workers} processes)", unit="run",
                      disable=not progress) as bar:
             futures = {pool.submit(function, *args, False, 1): key for key, _, function, args in jobs}

@@ -237,10 +237,10 @@ def train_teachers(config: TeacherConfig, out_dir: str | Path, progress: bool = 
         groups.append((group, encoded, out / STATE_DIR / f"group_{g // config.tasks_per_group:03d}"))
     if workers > 1 and len(groups) > 1:
         import concurrent.futures
-        import multiprocessing
 
-        context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or locks
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(groups)), mp_context=context) as pool, \
+        from ..workers import worker_pool
+
+        with worker_pool(min(workers, len(groups))) as pool, \
                 tqdm(total=len(groups), desc=f"teachers ({min(workers, len(groups))} processes)", unit="group",
                      disable=not progress) as bar:
             futures = [pool.submit(_train_group_process, config, model_dir, encoded, group, out, state, name)

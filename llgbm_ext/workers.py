@@ -2,7 +2,8 @@
 
 Workers are spawned (a clean interpreter: no inherited threads or locks) and, on Linux, die with the
 process that started them: a run stopped with ``kill PID`` (not only Ctrl-C, which reaches the whole
-process group) leaves no workers training on in the background.
+process group) leaves no workers training on in the background. The kernel ties the signal to the
+thread that started the worker, so a pool is used from a thread that outlives it (the main thread here).
 """
 
 from __future__ import annotations

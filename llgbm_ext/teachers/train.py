@@ -8,12 +8,12 @@ loss a multiple-choice task is scored by: each option's mean per-token log-likel
 (``eval.scoring``'s default), and the loss is the cross-entropy of the softmax over an example's
 options against the gold one, averaged over the task's examples. ``lm+choice`` adds to that the gold
 option's mean per-token cross-entropy (the lm term on the sequence the choice term scores, without
-the end token), so the teacher learns to pick the answer while its next-token distributions stay
-those of an lm teacher (what the KL signal and the multitask LoRA learn from). Since the factors of different
-tasks share nothing, the gradient of task k's factors is the gradient of its own loss; AdamW acts element by element and
-gradients are clipped per task, so every task follows exactly the trajectory of a PEFT LoRA trained
-on it alone (kaiming-uniform A, zero B, scaling alpha / r, no dropout), at about the cost of one
-forward instead of K (tests/test_teachers.py checks steps against PEFT).
+the end token), meant to let the teacher learn to pick the answer while its next-token distributions
+stay near an lm teacher's (on SmolLM2-135M the lm term dominates the sum; README). Since the factors
+of different tasks share nothing, the gradient of task k's factors is the gradient of its own loss;
+AdamW acts element by element and gradients are clipped per task, so every task follows exactly the
+trajectory of a PEFT LoRA trained on it alone (kaiming-uniform A, zero B, scaling alpha / r, no
+dropout), at about the cost of one forward instead of K (tests/test_teachers.py checks steps against PEFT).
 
 A group's training state (factors, optimizer, step, RNG) is saved atomically every ``save_every``
 steps; a run that was killed continues from the last one, and since a step's batch depends only on

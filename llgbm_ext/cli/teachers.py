@@ -37,6 +37,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     text.add_argument("--objective", choices=list(OBJECTIVES), default=d.objective,
                       help="lm: cross-entropy on the gold answer (default); choice: cross-entropy over the options' "
                            "scores, as evaluation decides (multiple-choice tasks only); lm+choice: their sum")
+    text.add_argument("--task-objective", nargs="+", default=[], metavar="TASK=OBJECTIVE",
+                      help="another objective for some tasks, e.g. obqa=choice (a family name sets all its members)")
     text.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     text.add_argument("--use-system", action="store_true", help="include the records' system prompts (chat template only)")
     text.add_argument("--max-length", type=positive_int, default=d.max_length, help=f"tokens per sequence (default {d.max_length})")
@@ -60,6 +62,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     after = p.add_argument_group("evaluation and deltas")
     after.add_argument("--eval-limit", type=non_negative_int,
                        help=f"test examples scored per task (default {d.eval_limit}; 0: no evaluation)")
+    after.add_argument("--validation", type=non_negative_int, default=d.validation, metavar="N",
+                       help="hold N training examples per task out of training and score them instead of the test "
+                            "split (choosing settings without looking at test; default 0)")
     after.add_argument("--max-prompts", type=positive_int, default=d.max_prompts,
                        help=f"condition prompts kept per real task (default {d.max_prompts})")
     after.add_argument("--probes", default=d.probes, help="probe set of the teacher deltas (generic, domain:math, a JSON file)")
@@ -99,16 +104,31 @@ def config_from_args(args):
     return TeacherConfig(
         base_model=args.base_model, tasks=tuple(expand_task_names(args.tasks, args.data_dir)), data_dir=args.data_dir,
         rank=args.lora_rank, alpha=args.lora_alpha, targets=tuple(args.targets), answer_style=args.format,
-        objective=args.objective, chat_template=args.chat_template, use_system=args.use_system,
+        objective=args.objective, task_objectives=task_objectives(args.task_objective, args.data_dir),
+        chat_template=args.chat_template, use_system=args.use_system,
         max_length=args.max_length,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, lr_warmup=args.lr_warmup,
         warmup_steps=_budget(args, "warmup_steps", QUICK, d.warmup_steps),
         snapshot_every=_budget(args, "snapshot_every", QUICK, d.snapshot_every),
         snapshots=_budget(args, "snapshots", QUICK, d.snapshots),
         tasks_per_group=args.tasks_per_group, save_every=args.save_every, seed=args.seed, init=args.init, max_prompts=args.max_prompts,
-        eval_limit=_budget(args, "eval_limit", QUICK, d.eval_limit),
+        eval_limit=_budget(args, "eval_limit", QUICK, d.eval_limit), validation=args.validation,
         probes=None if args.no_deltas else args.probes, delta_cache=args.delta_cache, dtype=args.dtype, device=device,
     )
+
+
+def task_objectives(entries: list[str], data_dir: str | None) -> tuple[str, ...]:
+    """``--task-objective`` entries with their task names expanded as ``--tasks`` expands them."""
+    from ..errors import LLGBMError
+    from ..teachers.tasks import expand_task_names
+
+    out = []
+    for entry in entries:
+        task, sep, objective = entry.partition("=")
+        if not sep:
+            raise LLGBMError(f"--task-objective {entry}: write TASK=OBJECTIVE, e.g. obqa=choice")
+        out += [f"{name}={objective}" for name in expand_task_names([task], data_dir)]
+    return tuple(out)
 
 
 def _se(row: dict) -> str:
@@ -159,7 +179,11 @@ def run(args) -> int:
     layout = report.layout
     print(f"{args.out}: {report.adapters} adapters of {len(config.tasks)} tasks on {config.base_model} "
           f"(rank {layout.rank}, alpha {layout.alpha:g}, {config.total_steps} steps each, format {config.style}"
-          f"{' + chat template' if config.chat_template else ''})")
+          f"{' + chat template' if config.chat_template else ''}, objective {config.objective}"
+          + "".join(f", {entry}" for entry in config.task_objectives) + ")")
+    if config.validation:
+        print(f"scored on {config.validation} examples of each training split, held out of training "
+              "(not the test split)")
     print(format_table(report.rows))
     times = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
     print(f"time: {times}; threads {torch.get_num_threads()}" + (f"; deltas in {report.deltas}" if report.deltas else ""))

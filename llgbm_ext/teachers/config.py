@@ -42,6 +42,8 @@ class TeacherConfig:
         objective: ``lm``: cross-entropy on the gold answer's tokens; ``choice`` (multiple-choice tasks only):
             cross-entropy of the softmax over the options' scores, the rule evaluation decides by (teachers.train);
             ``lm+choice``: their sum, the lm term taken on the gold option's sequence.
+        task_objectives: ``TASK=OBJECTIVE`` entries that override ``objective`` for single tasks (e.g.
+            ``obqa=choice``); ``objective_of`` gives a task's objective.
         chat_template, use_system: wrap prompts in the tokenizer's chat template (with the system prompt).
         max_length: tokens per training sequence; longer ones lose the beginning of their context.
         batch_size: training sequences per task and step.
@@ -55,6 +57,9 @@ class TeacherConfig:
             manifest and written to ``<out>/init``; ``per-task``: each task draws its own (ablations).
         max_prompts: condition prompts kept per real task (the synthetic suite has its own).
         eval_limit: test examples scored per task for the base/teacher table (None: all; 0: no evaluation).
+        validation: if > 0, that many of each task's training examples are held out of training and scored in
+            place of the test split (``teachers.tasks.validation_split``): for choosing settings on data that
+            is not the test split.
         probes: probe set of the teacher deltas; None: no deltas.
         delta_cache: DeltaCache directory (None: ``<out>/deltas``).
         dtype, device: of the base model.
@@ -68,6 +73,7 @@ class TeacherConfig:
     targets: tuple[str, ...] = PROJECTIONS
     answer_style: AnswerStyle | None = None
     objective: Objective = "lm"
+    task_objectives: tuple[str, ...] = ()
     chat_template: bool = False
     use_system: bool = False
     max_length: int = 96
@@ -86,6 +92,7 @@ class TeacherConfig:
     init: Init = "shared"
     max_prompts: int = 256
     eval_limit: int | None = 128
+    validation: int = 0
     probes: str | None = "generic"
     delta_cache: str | None = None
     dtype: str = "float32"
@@ -94,11 +101,12 @@ class TeacherConfig:
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "task_objectives", tuple(self.task_objectives))
         positive = ("max_length", "batch_size", "snapshot_every", "snapshots", "tasks_per_group", "save_every", "max_prompts")
         for name in positive:
             if getattr(self, name) < 1:
                 raise TeacherError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "lr_warmup"):
+        for name in ("warmup_steps", "lr_warmup", "validation"):
             if getattr(self, name) < 0:
                 raise TeacherError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.rank is not None and self.rank < 1:
@@ -109,6 +117,16 @@ class TeacherConfig:
             raise TeacherError(f"answer_style must be cloze, option or letter, got {self.answer_style!r}")
         if self.objective not in OBJECTIVES:
             raise TeacherError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for entry in self.task_objectives:
+            task, _, objective = str(entry).partition("=")
+            if objective not in OBJECTIVES:
+                raise TeacherError(f"task objective {entry!r}: write TASK=OBJECTIVE with OBJECTIVE one of "
+                                   f"{', '.join(OBJECTIVES)}")
+            if task not in self.tasks:
+                raise TeacherError(f"task objective {entry!r}: {task!r} is not one of the tasks "
+                                   f"({', '.join(self.tasks)})")
+        if len({str(e).partition("=")[0] for e in self.task_objectives}) != len(self.task_objectives):
+            raise TeacherError(f"task objectives name a task twice: {', '.join(self.task_objectives)}")
         if self.eval_limit is not None and self.eval_limit < 0:
             raise TeacherError(f"eval_limit must not be negative, got {self.eval_limit}")
         if self.init not in INIT_KINDS:
@@ -127,6 +145,11 @@ class TeacherConfig:
         """The answer style actually used."""
         return self.answer_style or ("option" if self.synthetic else "cloze")
 
+    def objective_of(self, task: str) -> Objective:
+        """The objective ``task`` is trained with: its ``task_objectives`` entry, else ``objective``."""
+        overrides = dict(str(e).partition("=")[::2] for e in self.task_objectives)
+        return overrides.get(task, self.objective)
+
     @property
     def total_steps(self) -> int:
         return self.warmup_steps + self.snapshots * self.snapshot_every
@@ -137,7 +160,7 @@ class TeacherConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["tasks"], d["targets"] = list(self.tasks), list(self.targets)
+        d.update(tasks=list(self.tasks), targets=list(self.targets), task_objectives=list(self.task_objectives))
         return d
 
     def training_digest(self) -> dict:
@@ -145,6 +168,9 @@ class TeacherConfig:
         ignored = {"save_every", "eval_limit", "probes", "delta_cache", "max_prompts", "device"}
         if self.objective == "lm":  # runs from before the choice objective existed continue under the same digest
             ignored.add("objective")
+        for name in ("validation", "task_objectives"):  # and runs from before these existed
+            if not getattr(self, name):
+                ignored.add(name)
         return {k: v for k, v in self.to_dict().items() if k not in ignored}
 
     def digest(self) -> str:

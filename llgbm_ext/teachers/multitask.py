@@ -3,9 +3,8 @@
 It is what Text-to-LoRA compares generators with: a single adapter that has seen every training task
 and none of the held-out ones. It is trained as the teachers are (``GroupTrainer``: PEFT's LoRA, AdamW,
 warm-up + cosine, per-adapter clipping), each task in its teachers' answer format and with their
-objective (manifest), from
-the teachers' shared initial adapter when the manifest records one. Every step draws the same number
-of sequences from every task, so large tasks do not outweigh small ones.
+objective (manifest), from the teachers' shared initial adapter when the manifest records one. Every
+step draws the same number of sequences from every task, so large tasks do not outweigh small ones.
 
 The adapter is a PEFT directory with the settings it was trained with (``settings.json``) and its
 loss per step (``losses.json``); it is trained again only when those settings change.
@@ -50,17 +49,19 @@ def task_objective(teachers: TeacherSet, task: str) -> str:
     return teachers.tasks.get(task, {}).get("objective", "lm")
 
 
-def training_task(name: str, data_dir: str | None) -> Task:
-    """A task's training split: the synthetic suite's, or a DnD-format file in ``data_dir``."""
+def training_task(name: str, data_dir: str | None, validation: int = 0) -> Task:
+    """A task's training split: the synthetic suite's, or a DnD-format file in ``data_dir``; less the
+    ``validation`` examples its teachers were scored on (``validation_split``)."""
     from ..data.synthetic import TASK_FAMILIES, get_synthetic_task
+    from .tasks import validation_split
 
     if name in TASK_FAMILIES:
-        return get_synthetic_task(name)
+        return validation_split(get_synthetic_task(name), validation)
     if data_dir is None:
         raise TeacherError(f"task {name!r} is not synthetic: give data_dir (DnD-format task files)")
     from ..data.dnd_format import load_task
 
-    return load_task(Path(data_dir), name, splits=("train",))
+    return validation_split(load_task(Path(data_dir), name, splits=("train",)), validation)
 
 
 def mixture(tasks: list[EncodedTask], name: str = NAME) -> EncodedTask:
@@ -81,51 +82,64 @@ def mixture(tasks: list[EncodedTask], name: str = NAME) -> EncodedTask:
 
 class MixtureTrainer(GroupTrainer):
     """One LoRA on the mixture of ``tasks``; a step takes ``config.batch_size`` sequences of every task,
-    drawn per task as a teacher's are (a function of seed, task and step)."""
+    drawn per task as a teacher's are (a function of seed, task and step). Tasks of different objectives
+    (``config.objective_of``) form one mixture per objective, each run in its own forwards; the step's loss
+    is their mean weighted by each objective's share of the tasks (one objective: its loss as is)."""
 
     def __init__(self, model, layout, tasks: list[EncodedTask], config: TeacherConfig, state_dir):
-        super().__init__(model, layout, [mixture(tasks)], config, state_dir)
-        self.parts = tasks
-        self.offsets = np.cumsum([0] + [len(t) for t in tasks[:-1]])
+        objectives = [config.objective_of(t.name) for t in tasks]
+        self.parts = {o: [t for t, each in zip(tasks, objectives) if each == o] for o in dict.fromkeys(objectives)}
+        mixtures = [mixture(parts) for parts in self.parts.values()]
+        super().__init__(model, layout, mixtures, config, state_dir, names=[NAME])
 
-    def indices(self, step: int) -> np.ndarray:
+    def indices(self, parts: list[EncodedTask], step: int) -> np.ndarray:
+        """Rows of ``step``'s examples in the mixture of ``parts``."""
+        offsets = np.cumsum([0] + [len(t) for t in parts[:-1]])
         return np.concatenate([offset + step_indices(len(t), self.config.batch_size, self.config.seed, t.name, step)
-                               for offset, t in zip(self.offsets, self.parts)])
+                               for offset, t in zip(offsets, parts)])
 
-    def batch(self, step: int) -> Batch:
-        return make_batch(self.tasks, [self.indices(step)]).to(self.device)
+    def batch(self, step: int, objective: str | None = None) -> Batch:
+        """``step``'s examples of the tasks of ``objective`` (default: the first) in one batch."""
+        objective = objective or next(iter(self.parts))
+        mixed = self.tasks[list(self.parts).index(objective)]
+        return make_batch([mixed], [self.indices(self.parts[objective], step)]).to(self.device)
 
     def backward(self, step: int) -> Tensor:
-        """As ``GroupTrainer.backward``; under the choice objective the examples go through in chunks of at most
-        CHOICE_ROWS option rows (one sequence per option of every task would not fit in memory), each chunk's
-        mean loss weighted by its share of the examples: the same loss and gradient as one forward."""
-        mixed = self.tasks[0]
-        if mixed.option_rows is None:
-            return super().backward(step)
-        indices = self.indices(step)
-        options = (mixed.option_rows[1:] - mixed.option_rows[:-1])[torch.from_numpy(indices)]
-        chunk = (torch.cumsum(options, 0) - 1) // CHOICE_ROWS  # consecutive examples, at most CHOICE_ROWS rows each
+        """The (1,) loss of ``step``, its gradient accumulated. Under the choice objectives the examples go through
+        in chunks of at most CHOICE_ROWS option rows (one sequence per option of every task would not fit in
+        memory), each chunk's mean loss weighted by its share of the examples: the same loss and gradient as one
+        forward."""
         total = torch.zeros(1, device=self.device)
-        for c in chunk.unique():
-            part = indices[(chunk == c).numpy()]
-            batch = make_batch(self.tasks, [part]).to(self.device)
-            loss = task_losses(self.model, self.lora, self.factors, batch, self.config.objective)
-            (loss * len(part) / len(indices)).sum().backward()
-            total += loss.detach() * len(part) / len(indices)
+        tasks = sum(len(parts) for parts in self.parts.values())
+        for (objective, parts), mixed in zip(self.parts.items(), self.tasks):
+            indices = self.indices(parts, step)
+            if objective == "lm":
+                chunks = [indices]
+            else:
+                options = (mixed.option_rows[1:] - mixed.option_rows[:-1])[torch.from_numpy(indices)]
+                chunk = ((torch.cumsum(options, 0) - 1) // CHOICE_ROWS).numpy()  # consecutive, ≤ CHOICE_ROWS rows
+                chunks = [indices[chunk == c] for c in np.unique(chunk)]
+            for part in chunks:
+                batch = make_batch([mixed], [part]).to(self.device)
+                loss = task_losses(self.model, self.lora, self.factors, batch, objective)
+                loss = loss * (len(parts) / tasks) * (len(part) / len(indices))
+                loss.sum().backward()
+                total += loss.detach()
         return total
 
 
 def multitask_config(teachers: TeacherSet, tasks: list[str], steps: int, batch: int, seed: int) -> TeacherConfig:
     """Teacher settings of the multitask LoRA: ``steps`` steps of ``batch`` sequences, split equally over
-    ``tasks`` (rounded up to a multiple of their number), the teachers' rank, alpha, targets and objective."""
+    ``tasks`` (rounded up to a multiple of their number), the teachers' rank, alpha, targets and objectives
+    (the most common one, ties to the first task's, with ``task_objectives`` for the others)."""
     if not tasks:
         raise TeacherError(f"{teachers.root}: no training task left for the multitask LoRA")
-    objectives = sorted({task_objective(teachers, t) for t in tasks})
-    if len(objectives) > 1:
-        raise TeacherError(f"{teachers.root}: teachers trained with different objectives ({', '.join(objectives)}); "
-                           "one multitask LoRA is trained with one")
+    objectives = {t: task_objective(teachers, t) for t in tasks}
+    counts = list(objectives.values())
+    objective = max(dict.fromkeys(counts), key=counts.count)
     layout = teachers.layout
-    return TeacherConfig(base_model=teachers.model_name, tasks=tuple(tasks), objective=objectives[0],
+    return TeacherConfig(base_model=teachers.model_name, tasks=tuple(tasks), objective=objective,
+                         task_objectives=tuple(f"{t}={o}" for t, o in objectives.items() if o != objective),
                          rank=layout.rank, alpha=layout.alpha, targets=tuple(layout.targets),
                          batch_size=-(-batch // len(tasks)), warmup_steps=0,
                          snapshot_every=steps, snapshots=1, seed=seed, eval_limit=0, probes=None)
@@ -161,8 +175,9 @@ def train_multitask_lora(model, tokenizer, teachers: TeacherSet, config: Teacher
     if is_trained(teachers, config, out):
         return out
     wanted = settings(teachers, config)
-    encoded = [encode_task(training_task(t, data_dir), tokenizer, task_format(teachers, t), config.max_length,
-                           tokenizer.pad_token_id, config.objective) for t in config.tasks]
+    encoded = [encode_task(training_task(t, data_dir, teachers.tasks.get(t, {}).get("validation", 0)), tokenizer,
+                           task_format(teachers, t), config.max_length, tokenizer.pad_token_id, config.objective_of(t))
+               for t in config.tasks]
     trainer = MixtureTrainer(model, teachers.layout, encoded, config, out)  # never saves state: minutes, not resumed
     if teachers.init_adapter is not None:
         layout = teachers.layout

@@ -119,9 +119,11 @@ def manifest_entries(out: Path, tasks: list[TeacherTask], config: TeacherConfig,
     for task in tasks:
         records = read_losses(out, task.name)
         info[task.name] = {"kind": task.task.kind, "family": task.family, "prompts": task.prompts,
-                           "dnd_folder": task.dnd_folder, "format": format_record(fmt), "objective": config.objective,
+                           "dnd_folder": task.dnd_folder, "format": format_record(fmt),
+                           "objective": config.objective_of(task.name),
                            "licence": task.task.licence,
                            "train_examples": len(task.task.train), "test_examples": len(task.task.test),
+                           **({"validation": config.validation} if config.validation else {}),
                            **quality.get(task.name, {})}
         for index, step in enumerate(config.snapshot_steps()):
             adapters.append({"name": adapter_name(task.name, index), "task": task.name,

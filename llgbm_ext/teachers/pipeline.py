@@ -1,7 +1,7 @@
 """``train_teachers``: teacher adapters for a list of tasks, evaluated against the base model, with their deltas.
 
 1. Load the tasks, the frozen base model, and the LoRA layout derived from the model's config.
-2. Train the tasks in groups of ``tasks_per_group`` with ``GroupTrainer`` (K tasks per forward),
+2. Train the tasks in groups of ``tasks_per_group`` with ``GroupTrainer`` (K tasks of one objective per forward),
    writing snapshots in both layouts, loss logs, and resumable training state under ``<out>/.state``.
 3. Write the manifest; score base and final teacher on each task's test split (``eval.scoring``, the
    prompt format teachers were trained with; the base is a zero adapter in the same forward); store
@@ -82,6 +82,16 @@ def _check_config(out: Path, config: TeacherConfig) -> None:
                                "use another --out, or delete it to start again")
     else:
         write_text(path, json.dumps(config.training_digest(), indent=1) + "\n")
+
+
+def task_groups(tasks: list[TeacherTask], config: TeacherConfig) -> list[list[TeacherTask]]:
+    """Tasks in groups of at most ``tasks_per_group`` trained in one forward, one objective per group (the
+    tasks of the run's objective first, then those of each ``task_objectives`` entry's)."""
+    by_objective: dict[str, list[TeacherTask]] = {config.objective: []}
+    for task in tasks:
+        by_objective.setdefault(config.objective_of(task.name), []).append(task)
+    size = config.tasks_per_group
+    return [same[g : g + size] for same in by_objective.values() for g in range(0, len(same), size)]
 
 
 def train_group(trainer: GroupTrainer, tasks: list[TeacherTask], out: Path, config: TeacherConfig, name: str,
@@ -204,7 +214,8 @@ def train_teachers(config: TeacherConfig, out_dir: str | Path, progress: bool = 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise TeacherError(f"--out {out}: exists and is not a directory")
-    tasks = load_teacher_tasks(config.tasks, config.data_dir, config.max_prompts, with_test=config.eval_limit != 0)
+    tasks = load_teacher_tasks(config.tasks, config.data_dir, config.max_prompts, with_test=config.eval_limit != 0,
+                               validation=config.validation)
     model_dir = resolve_base_model(config.base_model)
     name = model_name(config.base_model)
     layout = teacher_layout(model_dir, config)
@@ -220,12 +231,11 @@ def train_teachers(config: TeacherConfig, out_dir: str | Path, progress: bool = 
     answer_tokens: dict[str, int] = {}
     quality: dict[str, dict] = {}
     groups = []  # (tasks, their encoded training sequences, state directory)
-    for g in range(0, len(tasks), config.tasks_per_group):
-        group = tasks[g : g + config.tasks_per_group]
+    for group in task_groups(tasks, config):
         encoded: list[EncodedTask] = []
         for t in group:
             contexts, targets, skipped = training_pairs(t.task, fmt, tokenizer)  # also the KL signal's inputs
-            if config.objective != "lm":
+            if config.objective_of(t.name) != "lm":
                 e = encode_choices(t.task, tokenizer, fmt, config.max_length, tokenizer.pad_token_id)
             else:
                 e = encode_pairs(t.name, contexts, targets, tokenizer, fmt, config.max_length, tokenizer.pad_token_id,
@@ -234,7 +244,7 @@ def train_teachers(config: TeacherConfig, out_dir: str | Path, progress: bool = 
             answer_tokens[t.name] = int(e.num_target.max())
             quality[t.name] = {"train_used": len(e), "train_skipped": e.skipped,
                                "train_inputs": write_train_inputs(out, t, contexts, targets, fmt)}
-        groups.append((group, encoded, out / STATE_DIR / f"group_{g // config.tasks_per_group:03d}"))
+        groups.append((group, encoded, out / STATE_DIR / f"group_{len(groups):03d}"))
     if workers > 1 and len(groups) > 1:
         import concurrent.futures
 

@@ -10,8 +10,11 @@ data set name, synthetic ones under ``synthetic-<family>`` with the task name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from ..data.dnd_format import TASKS, load_task, split_paths, task_spec
 from ..data.records import Task
@@ -63,17 +66,39 @@ def expand_task_names(names: list[str], data_dir: str | None) -> list[str]:
     return out
 
 
+def validation_split(task: Task, examples: int) -> Task:
+    """``task`` with ``examples`` of its training examples as its test split and the rest as its training split.
+
+    For choosing teacher settings without looking at the test split. The examples are a fixed draw per task
+    (the same for every seed and run); the rest keep their order, and the condition prompts come from them."""
+    if examples == 0:
+        return task
+    if examples >= len(task.train):
+        raise TeacherError(f"validation {examples}: task {task.name} has only {len(task.train)} training examples")
+    draw = np.random.Generator(np.random.PCG64(zlib.crc32(f"validation {task.name}".encode())))
+    order = draw.permutation(len(task.train))
+    held = np.zeros(len(task.train), dtype=bool)
+    held[order[:examples]] = True
+    train = [e for e, h in zip(task.train, held) if not h]
+    prompts = {e.prompt for e in train}
+    return replace(task, train=train, test=[e for e, h in zip(task.train, held) if h],
+                   conditions=[c for c in task.conditions if c in prompts])
+
+
 def load_teacher_tasks(names: tuple[str, ...], data_dir: str | None, max_prompts: int,
-                       with_test: bool = True) -> list[TeacherTask]:
-    """Load every task; real tasks with their test split if ``with_test`` (it scores base and teacher)."""
+                       with_test: bool = True, validation: int = 0) -> list[TeacherTask]:
+    """Load every task; real tasks with their test split if ``with_test`` (it scores base and teacher);
+    with ``validation`` > 0, a slice of the training split instead (``validation_split``)."""
     tasks = []
     for name in names:
         if data_dir is None:
-            task = get_synthetic_task(name, SuiteConfig())
+            task = validation_split(get_synthetic_task(name, SuiteConfig()), validation)
             family = task.family or name
             tasks.append(TeacherTask(task, family, f"data/synthetic-{family}/{name}", list(task.conditions)))
         else:
-            task = load_task(Path(data_dir), name, splits=("train", "test") if with_test else ("train",))
+            splits = ("train", "test") if with_test and not validation else ("train",)
+            task = load_task(Path(data_dir), name, splits=splits)
+            task = validation_split(task, validation)
             family = REAL_FAMILIES[task.kind]
             tasks.append(TeacherTask(task, family, f"data/{family}/{task_spec(name).dnd_name}",
                                      task.conditions[:max_prompts]))

@@ -136,10 +136,17 @@ class GroupTrainer:
     """Trains the teachers of one group of tasks together and saves / restores its state under ``state_dir``."""
 
     def __init__(self, model: nn.Module, layout: LoraLayout, tasks: list[EncodedTask], config: TeacherConfig,
-                 state_dir: str | os.PathLike):
+                 state_dir: str | os.PathLike, names: list[str] | None = None):
+        """``names``: of the adapters trained (default: one per task, named after it; the tasks' objectives must
+        then agree)."""
         self.model, self.layout, self.tasks, self.config = model, layout, tasks, config
         self.state_dir = Path(state_dir)
-        self.names = [t.name for t in tasks]
+        self.names = names or [t.name for t in tasks]
+        objectives = sorted({config.objective_of(name) for name in self.names})
+        if len(objectives) > 1:
+            raise TeacherError(f"tasks {', '.join(self.names)}: one group trains with one objective, not "
+                               f"{' and '.join(objectives)}")
+        self.objective = objectives[0]
         self.device = next(model.parameters()).device
         self.lora = FunctionalLoRA(model, layout)
         self.factors = {p: tuple(t.detach().to(self.device).requires_grad_(True) for t in ab)
@@ -168,7 +175,7 @@ class GroupTrainer:
 
     def backward(self, step: int) -> Tensor:
         """The (K,) losses of ``step``'s batch, their gradients accumulated into the factors."""
-        losses = task_losses(self.model, self.lora, self.factors, self.batch(step), self.config.objective)
+        losses = task_losses(self.model, self.lora, self.factors, self.batch(step), self.objective)
         losses.sum().backward()
         return losses.detach()
 

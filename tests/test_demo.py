@@ -120,10 +120,26 @@ def test_real_demo_holds_out_any_commonsense_task():
     assert comparison_config(PLANS["quick"], Path("q")).held_out_limit is None  # the other plans as before
 
 
+def test_task_objective_changes_those_teachers_and_the_default_folder():
+    from llgbm_ext.cli.demo import plan_and_out
+    from llgbm_ext.teachers.config import TeacherConfig
+
+    plan, out = plan_and_out(_demo_args("--real", "--task-objective", "OBQA=choice"))  # names as --tasks takes them
+    assert out == "runs/demo-real-obqa-choice" and plan.teacher["task_objectives"] == ("obqa=choice",)
+    assert {k: v for k, v in plan.teacher.items() if k != "task_objectives"} == PLANS["real"].teacher
+    config = TeacherConfig(base_model=plan.base_model, tasks=plan.tasks, **plan.teacher)
+    assert [config.objective_of(t) for t in plan.tasks] == ["lm", "lm", "lm", "choice", "lm"]
+    plan, out = plan_and_out(_demo_args("--quick", "--task-objective", "word=lm+choice", "--out", "x"))
+    assert out == "x" and all(TeacherConfig(base_model="tiny", tasks=plan.tasks, **plan.teacher).objective_of(t)
+                              == "lm+choice" for t in plan.tasks)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--hold-out", "boolq"], "--hold-out needs --real"),
     (["--quick", "--hold-out", "boolq"], "--hold-out needs --real"),
     (["--real", "--hold-out", "hellaswag"], "--hold-out: unknown task 'hellaswag'"),
+    (["--real", "--task-objective", "hellaswag=choice"], "'hellaswag' is not one of the tasks"),
+    (["--real", "--task-objective", "obqa"], "--task-objective obqa: write TASK=OBJECTIVE"),
 ])
 def test_hold_out_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
     from llgbm_ext.experiments import demo

@@ -1,6 +1,10 @@
-"""``llgbm demo [--quick | --real [--hold-out TASK] | --v1 | --v2]``: the README's main job (experiments/demo.py), with a printed comparison."""
+"""``llgbm demo [--quick | --real [--hold-out TASK] | --v1 | --v2] [--task-objective TASK=OBJECTIVE ...]``: the
+README's main job (experiments/demo.py), with a printed comparison."""
 
 from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
 
 from ..errors import LLGBMError
 from .arguments import positive_int
@@ -22,6 +26,9 @@ def register(sub, common) -> None:
     p.add_argument("--hold-out", metavar="TASK",
                    help="with --real: the task left out of generator training and evaluated on 200 test examples: "
                         "arc_e (default), arc_c, boolq, obqa or piqa")
+    p.add_argument("--task-objective", nargs="+", default=[], metavar="TASK=OBJECTIVE",
+                   help="train these tasks' teachers with another objective (lm, choice, lm+choice), e.g. "
+                        "obqa=choice; the default output folder gets the entries as a suffix")
     p.add_argument("--out", help="output folder (default runs/demo, runs/demo-quick, runs/demo-real, "
                                  "runs/demo-real-TASK for another --hold-out, runs/demo-v1 or runs/demo-v2)")
     p.add_argument("--seed", type=int, default=0, help="seed of teachers and generators (default 0)")
@@ -56,6 +63,15 @@ def plan_and_out(args):
     real = "runs/demo-real" if plan.held_out == ("arc_e",) else f"runs/demo-real-{plan.held_out[0]}"
     out = args.out or {"default": "runs/demo", "quick": "runs/demo-quick", "real": real, "v1": "runs/demo-v1",
                        "v2": "runs/demo-v2"}[name]
+    if args.task_objective:
+        from ..teachers.config import TeacherConfig
+        from .teachers import task_objectives
+
+        entries = task_objectives(args.task_objective, str(Path(out) / "data") if plan.real_data else None)
+        TeacherConfig(base_model=plan.base_model, tasks=plan.tasks, task_objectives=entries)  # one-line errors now
+        plan = replace(plan, teacher=dict(plan.teacher, task_objectives=entries))
+        if not args.out:
+            out += "-" + "-".join(entry.replace("=", "-").replace("+", "") for entry in entries)
     return plan, out
 
 

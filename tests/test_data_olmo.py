@@ -93,7 +93,7 @@ def test_files_hold_exactly_what_was_converted(tmp_path):
     export(tmp_path, tasks=["hellaswag", "obqa", "piqa", "winogrande"], limit=LIMIT, progress=False)
     for source in SOURCES:
         if source.task in ("hellaswag", "obqa", "piqa", "winogrande"):
-            task = load_task(tmp_path, source.task)
+            task = load_task(tmp_path, source.task, splits=(source.split,))
             assert getattr(task, source.split) == load_source(source, LIMIT, progress=False), source.file_stem
 
 
@@ -101,7 +101,9 @@ def test_files_hold_exactly_what_was_converted(tmp_path):
 def test_licence_notes(tmp_path):
     export(tmp_path, tasks=["arc_c", "piqa"], limit=3, progress=False)
     notes = json.loads((tmp_path / "licences.json").read_text())["files"]
-    assert set(notes) == {"ARC-c_train.json", "ARC-c_test.json", "PIQA_train.json", "PIQA_test.json"}
+    assert set(notes) == {"ARC-c_train.json", "ARC-c_test.json", "ARC-c_validation.json", "PIQA_train.json",
+                          "PIQA_test.json"}  # PIQA's test split is its original validation split: no other
+    assert notes["ARC-c_validation.json"]["original_split"] == "validation"
     assert notes["ARC-c_test.json"]["licence"] == TASKS["arc_c"].licence
     assert notes["PIQA_test.json"]["original_split"] == "validation" and notes["PIQA_test.json"]["records"] == 3
     readme = (tmp_path / "LICENSES.md").read_text()
@@ -111,7 +113,8 @@ def test_licence_notes(tmp_path):
 
 
 @requires_olmo
-@pytest.mark.parametrize("source_stem, count", [("ARC-e_train", 2251), ("BoolQ_train", 9427), ("GSM8K", 1319)])
+@pytest.mark.parametrize("source_stem, count", [("ARC-e_train", 2251), ("BoolQ_train", 9427), ("GSM8K", 1319),
+                                               ("OBQA_validation", 500)])
 def test_full_splits_have_dnd_sizes(source_stem, count):
     source = next(s for s in SOURCES if s.file_stem == source_stem)
     assert len(read_documents(olmo.request_file(source), progress=False)) == count

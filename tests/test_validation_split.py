@@ -1,5 +1,6 @@
 """Teachers scored on a validation slice of the training split (``validation``): held out of training, the same
-slice every run, recorded in the manifest, and left out of the multitask LoRA's data too."""
+slice every run, recorded in the manifest, and left out of the multitask LoRA's data too. With
+``validation_from="dataset"``, a data set's own validation split where it has one (training keeps every example)."""
 
 import json
 
@@ -7,12 +8,14 @@ import pytest
 
 from llgbm_ext.cli import build_parser
 from llgbm_ext.cli.teachers import config_from_args
+from llgbm_ext.data.dnd_format import DataError, split_paths, task_spec, write_examples
+from llgbm_ext.data.records import Example
 from llgbm_ext.data.synthetic import get_synthetic_task
 from llgbm_ext.data.teacher_set import load_teacher_set
 from llgbm_ext.teachers.config import TeacherConfig, TeacherError
 from llgbm_ext.teachers.multitask import training_task
 from llgbm_ext.teachers.pipeline import train_teachers
-from llgbm_ext.teachers.tasks import validation_split
+from llgbm_ext.teachers.tasks import load_teacher_tasks, validation_split
 
 TASK = "category_food"
 
@@ -53,4 +56,42 @@ def test_a_run_scores_the_slice_and_records_it(tiny_model_dir, tmp_path):
 def test_cli_takes_validation():
     args = build_parser().parse_args(["teachers", "--base-model", "tiny", "--synthetic", "--tasks", TASK, "--out", "x",
                                       "--validation", "300"])
-    assert config_from_args(args).validation == 300
+    assert config_from_args(args).validation == 300 and config_from_args(args).validation_from == "train"
+    args = build_parser().parse_args(["teachers", "--base-model", "tiny", "--synthetic", "--tasks", TASK, "--out", "x",
+                                      "--validation", "300", "--validation-from", "dataset"])
+    assert config_from_args(args).validation_from == "dataset"
+
+
+def test_only_tasks_whose_test_split_is_not_their_validation_split_have_one(tmp_path):
+    assert [p.name for p in split_paths(tmp_path, task_spec("obqa"), "validation")] == [
+        "OBQA_validation.json", "OBQA_validation.jsonl"]
+    assert split_paths(tmp_path, task_spec("boolq"), "validation") == []  # BoolQ_validation.json is its test split
+    with pytest.raises(DataError, match="unknown split 'dev': use one of train, test, validation"):
+        split_paths(tmp_path, task_spec("obqa"), "dev")
+
+
+def _mc(i: int, tag: str) -> Example:
+    return Example(f"{tag} question {i}\nA: yes {i}\nB: no {i}", "[A]", "pick", choices=(f"yes {i}", f"no {i}"), answer=0)
+
+
+def test_dataset_validation_scores_the_own_split_and_keeps_training_whole(tmp_path):
+    for stem, tag, n in (("OBQA_train", "train", 30), ("OBQA_validation", "val", 12), ("OBQA_test", "test", 9),
+                         ("PIQA_train", "ptrain", 30), ("PIQA_test", "ptest", 9)):
+        write_examples(tmp_path / f"{stem}.json", [_mc(i, tag) for i in range(n)])
+    obqa, piqa = load_teacher_tasks(("obqa", "piqa"), str(tmp_path), 8, validation=10, validation_from="dataset")
+    assert obqa.task.test == [_mc(i, "val") for i in range(10)]  # the first 10 of its own validation split
+    assert obqa.task.train == [_mc(i, "train") for i in range(30)] and (obqa.held_out, obqa.scored) == (0, "validation split")
+    assert len(piqa.task.train) == 20 and (piqa.held_out, piqa.scored) == (10, "train slice")  # PIQA has none
+    assert all(e.prompt.startswith("ptrain") for e in piqa.task.test)
+    sliced, = load_teacher_tasks(("obqa",), str(tmp_path), 8, validation=10)  # the default: a slice of train
+    assert len(sliced.task.train) == 20 and sliced.scored == "train slice"
+    tested, = load_teacher_tasks(("obqa",), str(tmp_path), 8, validation_from="dataset")  # no validation asked for
+    assert tested.task.test == [_mc(i, "test") for i in range(9)] and tested.scored == "test"
+
+
+def test_validation_from_is_checked_and_named_in_the_digest_only_when_used():
+    base = TeacherConfig(base_model="tiny", tasks=(TASK,), validation=16)
+    assert "validation_from" not in base.training_digest()  # runs from before it existed keep their digest
+    assert TeacherConfig(**{**base.to_dict(), "validation_from": "dataset"}).digest() != base.digest()
+    with pytest.raises(TeacherError, match="validation_from must be train or dataset, got 'test'"):
+        TeacherConfig(base_model="tiny", tasks=(TASK,), validation_from="test")

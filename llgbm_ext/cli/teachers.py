@@ -65,6 +65,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     after.add_argument("--validation", type=non_negative_int, default=d.validation, metavar="N",
                        help="hold N training examples per task out of training and score them instead of the test "
                             "split (choosing settings without looking at test; default 0)")
+    after.add_argument("--validation-from", choices=["train", "dataset"], default=d.validation_from,
+                       help="train: N held out of each training split (default); dataset: the first N of the data "
+                            "set's own validation split where it has one (ARC-e, ARC-c, OBQA), a train slice elsewhere")
     after.add_argument("--max-prompts", type=positive_int, default=d.max_prompts,
                        help=f"condition prompts kept per real task (default {d.max_prompts})")
     after.add_argument("--probes", default=d.probes, help="probe set of the teacher deltas (generic, domain:math, a JSON file)")
@@ -113,6 +116,7 @@ def config_from_args(args):
         snapshots=_budget(args, "snapshots", QUICK, d.snapshots),
         tasks_per_group=args.tasks_per_group, save_every=args.save_every, seed=args.seed, init=args.init, max_prompts=args.max_prompts,
         eval_limit=_budget(args, "eval_limit", QUICK, d.eval_limit), validation=args.validation,
+        validation_from=args.validation_from,
         probes=None if args.no_deltas else args.probes, delta_cache=args.delta_cache, dtype=args.dtype, device=device,
     )
 
@@ -182,8 +186,11 @@ def run(args) -> int:
           f"{' + chat template' if config.chat_template else ''}, objective {config.objective}"
           + "".join(f", {entry}" for entry in config.task_objectives) + ")")
     if config.validation:
-        print(f"scored on {config.validation} examples of each training split, held out of training "
-              "(not the test split)")
+        scored = {row["task"]: row.get("scored", "test") for row in report.rows}
+        own = [t for t, s in scored.items() if s == "validation split"]
+        print(f"scored on {config.validation} validation examples per task, not the test split: "
+              + (f"the data set's own validation split ({', '.join(own)}), " if own else "")
+              + "held out of the training split" + (" elsewhere" if own else ""))
     print(format_table(report.rows))
     times = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
     print(f"time: {times}; threads {torch.get_num_threads()}" + (f"; deltas in {report.deltas}" if report.deltas else ""))

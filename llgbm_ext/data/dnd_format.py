@@ -30,7 +30,7 @@ from ..errors import LLGBMError
 from .records import Example, Task, TaskKind
 
 BOOL_CHOICES = ("True", "False")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # what load_task reads by default; "validation" is read where it is asked for
 
 
 class DataError(LLGBMError):
@@ -96,13 +96,18 @@ def task_spec(name: str) -> TaskSpec:
 
 
 def split_paths(data_dir: str | os.PathLike, spec: TaskSpec, split: str) -> list[Path]:
-    """Candidate files of one split, preferred first (``.json`` before ``.jsonl``)."""
+    """Candidate files of one split, preferred first (``.json`` before ``.jsonl``).
+
+    ``validation`` is a data set's own validation split apart from its test split (``ARC-e_validation``);
+    tasks whose test split is their validation split (BoolQ, PIQA, ...) have none: no candidates."""
     if split == "train":
         stems = [f"{spec.dnd_name}_train"]
     elif split == "test":
         stems = list(dict.fromkeys([spec.test_file, f"{spec.dnd_name}_test"]))
+    elif split == "validation":
+        stems = [] if spec.test_file == f"{spec.dnd_name}_validation" else [f"{spec.dnd_name}_validation"]
     else:
-        raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        raise DataError(f"unknown split {split!r}: use one of train, test, validation")
     return [Path(data_dir) / f"{stem}{ext}" for stem in stems for ext in (".json", ".jsonl")]
 
 

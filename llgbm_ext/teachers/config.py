@@ -21,6 +21,8 @@ Objective = Literal["lm", "choice", "lm+choice"]
 OBJECTIVES = ("lm", "choice", "lm+choice")
 Init = Literal["shared", "per-task"]
 INIT_KINDS = ("shared", "per-task")
+ValidationFrom = Literal["train", "dataset"]
+VALIDATION_FROM = ("train", "dataset")
 
 
 class TeacherError(LLGBMError):
@@ -60,6 +62,10 @@ class TeacherConfig:
         validation: if > 0, that many of each task's training examples are held out of training and scored in
             place of the test split (``teachers.tasks.validation_split``): for choosing settings on data that
             is not the test split.
+        validation_from: where ``validation`` examples come from: ``train`` (above) or ``dataset``: the first
+            ``validation`` examples of the data set's own validation split where it has one apart from its test
+            split (ARC-e, ARC-c, OBQA; training keeps every training example), a slice of train elsewhere. A
+            train slice need not look like test: OBQA's lm teacher gained on one and lost on test.
         probes: probe set of the teacher deltas; None: no deltas.
         delta_cache: DeltaCache directory (None: ``<out>/deltas``).
         dtype, device: of the base model.
@@ -93,6 +99,7 @@ class TeacherConfig:
     max_prompts: int = 256
     eval_limit: int | None = 128
     validation: int = 0
+    validation_from: ValidationFrom = "train"
     probes: str | None = "generic"
     delta_cache: str | None = None
     dtype: str = "float32"
@@ -129,6 +136,8 @@ class TeacherConfig:
             raise TeacherError(f"task objectives name a task twice: {', '.join(self.task_objectives)}")
         if self.eval_limit is not None and self.eval_limit < 0:
             raise TeacherError(f"eval_limit must not be negative, got {self.eval_limit}")
+        if self.validation_from not in VALIDATION_FROM:
+            raise TeacherError(f"validation_from must be train or dataset, got {self.validation_from!r}")
         if self.init not in INIT_KINDS:
             raise TeacherError(f"init must be one of {', '.join(INIT_KINDS)}, got {self.init!r}")
         if not self.tasks:
@@ -171,6 +180,8 @@ class TeacherConfig:
         for name in ("validation", "task_objectives"):  # and runs from before these existed
             if not getattr(self, name):
                 ignored.add(name)
+        if self.validation_from == "train":
+            ignored.add("validation_from")
         return {k: v for k, v in self.to_dict().items() if k not in ignored}
 
     def digest(self) -> str:

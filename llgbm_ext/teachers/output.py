@@ -123,7 +123,8 @@ def manifest_entries(out: Path, tasks: list[TeacherTask], config: TeacherConfig,
                            "objective": config.objective_of(task.name),
                            "licence": task.task.licence,
                            "train_examples": len(task.task.train), "test_examples": len(task.task.test),
-                           **({"validation": config.validation} if config.validation else {}),
+                           **({"validation": task.held_out} if task.held_out else {}),
+                           **({"scored": task.scored} if task.scored != "test" else {}),
                            **quality.get(task.name, {})}
         for index, step in enumerate(config.snapshot_steps()):
             adapters.append({"name": adapter_name(task.name, index), "task": task.name,

@@ -215,7 +215,7 @@ def train_teachers(config: TeacherConfig, out_dir: str | Path, progress: bool = 
     if out.exists() and not out.is_dir():
         raise TeacherError(f"--out {out}: exists and is not a directory")
     tasks = load_teacher_tasks(config.tasks, config.data_dir, config.max_prompts, with_test=config.eval_limit != 0,
-                               validation=config.validation)
+                               validation=config.validation, validation_from=config.validation_from)
     model_dir = resolve_base_model(config.base_model)
     name = model_name(config.base_model)
     layout = teacher_layout(model_dir, config)
@@ -288,5 +288,6 @@ def train_teachers(config: TeacherConfig, out_dir: str | Path, progress: bool = 
         start = time.perf_counter()
         report.deltas = compute_deltas(model, tokenizer, layout, tasks, out, config, name, model_dir, progress)
         report.seconds["deltas"] = time.perf_counter() - start
-    report.rows = [{"task": t.name, "kind": t.task.kind, **quality[t.name]} for t in tasks]
+    report.rows = [{"task": t.name, "kind": t.task.kind, **quality[t.name], **({"scored": t.scored} if t.scored != "test" else {})}
+                   for t in tasks]
     return report

@@ -33,6 +33,8 @@ class TeacherTask:
     family: str  # the task's family: the synthetic family, or DnD's family folder for real tasks
     dnd_folder: str  # data/<family>/<Dataset>, relative to the output directory
     prompts: list[str]
+    held_out: int = 0  # training examples held out of training and scored instead of test (validation_split)
+    scored: str = "test"  # what task.test holds: "test", "train slice" or "validation split"
 
     @property
     def name(self) -> str:
@@ -85,21 +87,36 @@ def validation_split(task: Task, examples: int) -> Task:
                    conditions=[c for c in task.conditions if c in prompts])
 
 
+def has_validation_file(data_dir: str | None, name: str) -> bool:
+    """Whether a real task has its own validation split in ``data_dir`` (``ARC-e_validation.json``)."""
+    return data_dir is not None and any(p.is_file() for p in split_paths(data_dir, task_spec(name), "validation"))
+
+
 def load_teacher_tasks(names: tuple[str, ...], data_dir: str | None, max_prompts: int,
-                       with_test: bool = True, validation: int = 0) -> list[TeacherTask]:
-    """Load every task; real tasks with their test split if ``with_test`` (it scores base and teacher);
-    with ``validation`` > 0, a slice of the training split instead (``validation_split``)."""
+                       with_test: bool = True, validation: int = 0,
+                       validation_from: str = "train") -> list[TeacherTask]:
+    """Load every task; real tasks with their test split if ``with_test`` (it scores base and teacher).
+    With ``validation`` > 0, validation examples instead: with ``validation_from="dataset"`` the first
+    ``validation`` of the task's own validation split where it has one, else a slice of the training split
+    (``validation_split``)."""
     tasks = []
     for name in names:
         if data_dir is None:
             task = validation_split(get_synthetic_task(name, SuiteConfig()), validation)
             family = task.family or name
-            tasks.append(TeacherTask(task, family, f"data/synthetic-{family}/{name}", list(task.conditions)))
+            tasks.append(TeacherTask(task, family, f"data/synthetic-{family}/{name}", list(task.conditions),
+                                     held_out=validation, scored="train slice" if validation else "test"))
+            continue
+        own = bool(validation) and validation_from == "dataset" and has_validation_file(data_dir, name)
+        splits = ("train", "validation") if own else ("train", "test") if with_test and not validation else ("train",)
+        task = load_task(Path(data_dir), name, splits=splits)
+        held = 0 if own else validation
+        if own:
+            task = replace(task, test=task.validation[:validation], validation=[])
         else:
-            splits = ("train", "test") if with_test and not validation else ("train",)
-            task = load_task(Path(data_dir), name, splits=splits)
-            task = validation_split(task, validation)
-            family = REAL_FAMILIES[task.kind]
-            tasks.append(TeacherTask(task, family, f"data/{family}/{task_spec(name).dnd_name}",
-                                     task.conditions[:max_prompts]))
+            task = validation_split(task, held)
+        scored = "validation split" if own else "train slice" if held else "test"
+        family = REAL_FAMILIES[task.kind]
+        tasks.append(TeacherTask(task, family, f"data/{family}/{task_spec(name).dnd_name}",
+                                 task.conditions[:max_prompts], held_out=held, scored=scored))
     return tasks

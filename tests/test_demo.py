@@ -124,11 +124,15 @@ def test_task_objective_changes_those_teachers_and_the_default_folder():
     from llgbm_ext.cli.demo import plan_and_out
     from llgbm_ext.teachers.config import TeacherConfig
 
-    plan, out = plan_and_out(_demo_args("--real", "--task-objective", "OBQA=choice"))  # names as --tasks takes them
-    assert out == "runs/demo-real-obqa-choice" and plan.teacher["task_objectives"] == ("obqa=choice",)
-    assert {k: v for k, v in plan.teacher.items() if k != "task_objectives"} == PLANS["real"].teacher
+    shipped = TeacherConfig(base_model="smollm2-135m", tasks=PLANS["real"].tasks, **PLANS["real"].teacher)
+    assert [shipped.objective_of(t) for t in PLANS["real"].tasks] == ["lm", "choice", "lm", "choice", "lm"]
+    plan, out = plan_and_out(_demo_args("--real", "--task-objective", "OBQA=lm", "piqa=choice"))  # names as --tasks
+    assert out == "runs/demo-real-obqa-lm-piqa-choice"
+    assert plan.teacher["task_objectives"] == ("arc_c=choice", "obqa=lm", "piqa=choice")  # the plan's, ours win
+    assert {k: v for k, v in plan.teacher.items() if k != "task_objectives"} == {
+        k: v for k, v in PLANS["real"].teacher.items() if k != "task_objectives"}
     config = TeacherConfig(base_model=plan.base_model, tasks=plan.tasks, **plan.teacher)
-    assert [config.objective_of(t) for t in plan.tasks] == ["lm", "lm", "lm", "choice", "lm"]
+    assert [config.objective_of(t) for t in plan.tasks] == ["lm", "choice", "lm", "lm", "choice"]
     plan, out = plan_and_out(_demo_args("--quick", "--task-objective", "word=lm+choice", "--out", "x"))
     assert out == "x" and all(TeacherConfig(base_model="tiny", tasks=plan.tasks, **plan.teacher).objective_of(t)
                               == "lm+choice" for t in plan.tasks)

@@ -69,7 +69,8 @@ def plan_and_out(args):
 
         entries = task_objectives(args.task_objective, str(Path(out) / "data") if plan.real_data else None)
         TeacherConfig(base_model=plan.base_model, tasks=plan.tasks, task_objectives=entries)  # one-line errors now
-        plan = replace(plan, teacher=dict(plan.teacher, task_objectives=entries))
+        merged = dict(e.partition("=")[::2] for e in plan.teacher.get("task_objectives", ()) + entries)  # ours win
+        plan = replace(plan, teacher=dict(plan.teacher, task_objectives=tuple(f"{t}={o}" for t, o in merged.items())))
         if not args.out:
             out += "-" + "-".join(entry.replace("=", "-").replace("+", "") for entry in entries)
     return plan, out

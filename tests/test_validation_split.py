@@ -71,7 +71,8 @@ def test_only_tasks_whose_test_split_is_not_their_validation_split_have_one(tmp_
 
 
 def _mc(i: int, tag: str) -> Example:
-    return Example(f"{tag} question {i}\nA: yes {i}\nB: no {i}", "[A]", "pick", choices=(f"yes {i}", f"no {i}"), answer=0)
+    return Example(f"{tag} question {i}\nA: yes {i}\nB: no {i}", "[A]", "pick", choices=(f"yes {i}", f"no {i}"),
+                   answer=0)
 
 
 def test_dataset_validation_scores_the_own_split_and_keeps_training_whole(tmp_path):
@@ -80,7 +81,8 @@ def test_dataset_validation_scores_the_own_split_and_keeps_training_whole(tmp_pa
         write_examples(tmp_path / f"{stem}.json", [_mc(i, tag) for i in range(n)])
     obqa, piqa = load_teacher_tasks(("obqa", "piqa"), str(tmp_path), 8, validation=10, validation_from="dataset")
     assert obqa.task.test == [_mc(i, "val") for i in range(10)]  # the first 10 of its own validation split
-    assert obqa.task.train == [_mc(i, "train") for i in range(30)] and (obqa.held_out, obqa.scored) == (0, "validation split")
+    assert obqa.task.train == [_mc(i, "train") for i in range(30)]  # training keeps every example
+    assert (obqa.held_out, obqa.scored) == (0, "validation split")
     assert len(piqa.task.train) == 20 and (piqa.held_out, piqa.scored) == (10, "train slice")  # PIQA has none
     assert all(e.prompt.startswith("ptrain") for e in piqa.task.test)
     sliced, = load_teacher_tasks(("obqa",), str(tmp_path), 8, validation=10)  # the default: a slice of train

@@ -28,7 +28,8 @@ def register(sub, common) -> None:
                         "arc_e (default), arc_c, boolq, obqa or piqa")
     p.add_argument("--task-objective", nargs="+", default=[], metavar="TASK=OBJECTIVE",
                    help="train these tasks' teachers with another objective (lm, choice, lm+choice), e.g. "
-                        "obqa=choice; the default output folder gets the entries as a suffix")
+                        "obqa=lm (over the plan's own: --real trains ARC-c and OBQA on choice); the default output "
+                        "folder gets the entries as a suffix")
     p.add_argument("--out", help="output folder (default runs/demo, runs/demo-quick, runs/demo-real, "
                                  "runs/demo-real-TASK for another --hold-out, runs/demo-v1 or runs/demo-v2)")
     p.add_argument("--seed", type=int, default=0, help="seed of teachers and generators (default 0)")

@@ -154,13 +154,14 @@ PLANS: dict[str, DemoPlan] = {
         teacher=dict(warmup_steps=40, snapshot_every=4, snapshots=5, max_length=64, eval_limit=32),
         training=TINY_TRAINING + ("steps=40", "save_every=40"), seeds=1, multitask_lora_steps=40,
         eval_in_distribution=("word_food", "word_not_colour"), eval_limit=32, samples=1),
-    # ≤ 60 minutes (23 in one go on a 2-core Xeon; about 41 from stage times on a slower machine), 3 seeds:
+    # ≤ 60 minutes (53.5 in one go with set-up on a slow 2-core host; the all-lm plan took 23.9 on a faster
+    # one), 3 seeds:
     # leave-one-out ARC-e on SmolLM2-135M, a small replica of DnD's commonsense setup (real_plan holds out
     # another task). Teachers: 78 steps at lr 1e-3 (the earlier 48 at 2e-3 left three of five below base on
     # 32 examples; 204 steps, or lr 3e-4 on 8 sequences of 96 tokens, left OBQA and PIQA within 3 points of
     # base too). objective="choice" lifts OBQA's teacher from 3.2 points below base to 11.2 above (500 test
     # examples; README), but on those teachers LLGBM's ARC-e recovery fell to -0.10 ± 0.87 (one seed of three
-    # diverged) and the multitask LoRA's to -0.04 ± 0.23, so the plan keeps the lm objective (lm+choice left
+    # diverged) and the multitask LoRA's to -0.04 ± 0.23, so not every task takes it (lm+choice left
     # OBQA's teacher at base: the lm term dominates). Per task the objective is chosen on validation data
     # (teachers --validation 300 --validation-from dataset: ARC-e, ARC-c and OBQA's own validation splits, a
     # slice of train for BoolQ and PIQA): lm where its teacher gains at least one paired SE there, else the

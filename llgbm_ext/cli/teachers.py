@@ -14,7 +14,7 @@ from ..lora.layout import PROJECTIONS
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    from ..teachers.config import OBJECTIVES, QUICK, TeacherConfig
+    from ..teachers.config import OBJECTIVES, QUICK, VALIDATION_FROM, TeacherConfig
 
     d = TeacherConfig(base_model="", tasks=("x",))  # defaults, shown in --help
     p = sub.add_parser("teachers", parents=[common], help="train teacher LoRA adapters (snapshots of one trajectory per task)")
@@ -65,7 +65,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     after.add_argument("--validation", type=non_negative_int, default=d.validation, metavar="N",
                        help="hold N training examples per task out of training and score them instead of the test "
                             "split (choosing settings without looking at test; default 0)")
-    after.add_argument("--validation-from", choices=["train", "dataset"], default=d.validation_from,
+    after.add_argument("--validation-from", choices=list(VALIDATION_FROM), default=d.validation_from,
                        help="train: N held out of each training split (default); dataset: the first N of the data "
                             "set's own validation split where it has one (ARC-e, ARC-c, OBQA), a train slice elsewhere")
     after.add_argument("--max-prompts", type=positive_int, default=d.max_prompts,

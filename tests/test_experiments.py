@@ -218,6 +218,38 @@ def test_multitask_lora_lr_overrides_the_teachers_lr(teachers):
     assert faster.lr == 6e-3 and faster.total_steps == default.total_steps == 2
 
 
+def test_multitask_lora_step_in_length_chunks_equals_one_forward(teachers, tmp_path, monkeypatch):
+    """Under the lm objective a step runs its sequences sorted by length in LM_CHUNKS forwards; each chunk's
+    loss weighted by its share of the answer tokens gives the loss and gradient of one forward."""
+    import torch
+
+    from llgbm_ext.data.teacher_set import load_teacher_set
+    from llgbm_ext.models.registry import load_base_model
+    from llgbm_ext.teachers import multitask as mt
+    from llgbm_ext.teachers.batches import encode_task
+
+    model, tokenizer = load_base_model("tiny")
+    teacher_set = load_teacher_set(teachers)
+    tasks = [FIRST, "shift_2", "digit_first_1"]  # sequences of 14, 12 and 41 tokens
+    config = mt.multitask_config(teacher_set, tasks, steps=2, batch=12, seed=0)
+    encoded = [encode_task(mt.training_task(t, None), tokenizer, mt.task_format(teacher_set, t), config.max_length,
+                           tokenizer.pad_token_id) for t in tasks]
+    trainers = {}
+    for chunks in (1, 3):
+        monkeypatch.setattr(mt, "LM_CHUNKS", chunks)
+        trainer = mt.MixtureTrainer(model, teacher_set.layout, encoded, config, tmp_path / str(chunks))
+        with torch.no_grad():  # B ≠ 0, so that A gets a gradient too
+            for _, b in trainer.factors.values():
+                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+        trainers[chunks] = (trainer, trainer.backward(0))
+    assert trainers[1][0].batch(0).attention_mask.sum(1).unique().numel() == 3  # the chunks differ in width
+    (one, one_loss), (chunked, chunked_loss) = trainers[1], trainers[3]
+    assert torch.allclose(one_loss, chunked_loss, atol=1e-6)
+    for proj, pair in one.factors.items():
+        for x, y in zip(pair, chunked.factors[proj]):
+            assert x.grad.abs().max() > 0 and torch.allclose(x.grad, y.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_multitask_lora_trains_on_the_mixture_and_is_cached(teachers, tmp_path, monkeypatch):
     import shutil
 

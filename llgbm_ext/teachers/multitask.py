@@ -34,6 +34,7 @@ from .train import GroupTrainer, task_losses
 
 NAME = "multitask_lora"
 CHOICE_ROWS = 24  # option rows per forward under the choice objective (SmolLM2-135M: a few GB)
+LM_CHUNKS = 2  # forwards per step under the lm objective, sequences sorted by length (less padding)
 SETTINGS = "settings.json"
 LOSSES = "losses.json"
 
@@ -105,24 +106,30 @@ class MixtureTrainer(GroupTrainer):
         return make_batch([mixed], [self.indices(self.parts[objective], step)]).to(self.device)
 
     def backward(self, step: int) -> Tensor:
-        """The (1,) loss of ``step``, its gradient accumulated. Under the choice objectives the examples go through
-        in chunks of at most CHOICE_ROWS option rows (one sequence per option of every task would not fit in
-        memory), each chunk's mean loss weighted by its share of the examples: the same loss and gradient as one
-        forward."""
+        """The (1,) loss of ``step``, its gradient accumulated, in chunks whose mean losses are weighted by their
+        share of what the loss averages over: the same loss and gradient as one forward. Under the lm objective
+        (a mean over answer tokens) the sequences, sorted by length, go through in LM_CHUNKS forwards, each padded
+        to its own longest (on the default demo's 49-task mixture, 10% fewer tokens than one forward). Under the
+        choice objectives (a mean over examples) the examples go through in chunks of at most CHOICE_ROWS option
+        rows (one sequence per option of every task would not fit in memory)."""
         total = torch.zeros(1, device=self.device)
         tasks = sum(len(parts) for parts in self.parts.values())
         for (objective, parts), mixed in zip(self.parts.items(), self.tasks):
             indices = self.indices(parts, step)
             if objective == "lm":
-                chunks = [indices]
+                order = np.argsort(mixed.lengths[torch.from_numpy(indices)].numpy(), kind="stable")
+                chunks = [indices[np.sort(c)] for c in np.array_split(order, min(LM_CHUNKS, len(order)))]
+                counted = mixed.num_target  # the loss averages over answer tokens
             else:
                 options = (mixed.option_rows[1:] - mixed.option_rows[:-1])[torch.from_numpy(indices)]
                 chunk = ((torch.cumsum(options, 0) - 1) // CHOICE_ROWS).numpy()  # consecutive, ≤ CHOICE_ROWS rows
                 chunks = [indices[chunk == c] for c in np.unique(chunk)]
+                counted = torch.ones(len(mixed), dtype=torch.long)  # the loss averages over examples
+            whole = int(counted[torch.from_numpy(indices)].sum())
             for part in chunks:
                 batch = make_batch([mixed], [part]).to(self.device)
                 loss = task_losses(self.model, self.lora, self.factors, batch, objective)
-                loss = loss * (len(parts) / tasks) * (len(part) / len(indices))
+                loss = loss * (len(parts) / tasks) * (int(counted[torch.from_numpy(part)].sum()) / whole)
                 loss.sum().backward()
                 total += loss.detach()
         return total

@@ -124,11 +124,12 @@ TINY_STEPS = ("steps=1400", "save_every=1400")
 TINY_MULTITASK_STEPS = 900
 TINY_TEACHERS = dict(warmup_steps=60, snapshot_every=5, snapshots=8, batch_size=4, max_length=64, eval_limit=64)
 PLANS: dict[str, DemoPlan] = {
-    # ≤ 10 minutes on 2 cores: suite v3 (59 tasks, 49 train the generators), its held-out and validation
-    # members, 3 seeds. Suite v3, not v2: v2's training tasks negate three of its five categories, and no
-    # generator negated a fourth on its validation member (word_not_animal, 0% at 700 and 1400 steps; README
-    # "Results"); in v3's training tasks every category is negated. Teachers in two groups of 30 (one per
-    # worker process).
+    # ≤ 10 minutes on 2 cores on the host of an earlier release (16-17 on a slower one; halving LLGBM's batch or
+    # the multitask LoRA's steps lost on the validation members, README): suite v3 (59 tasks, 49 train the
+    # generators), its held-out and validation members, 3 seeds. Suite v3, not v2: v2's training tasks negate
+    # three of its five categories, and no generator negated a fourth on its validation member (word_not_animal,
+    # 0% at 700 and 1400 steps; README "Results"); in v3's training tasks every category is negated. Teachers in
+    # two groups of 30 (one per worker process).
     "default": DemoPlan(
         base_model="tiny", tasks=SUITES[3], held_out=held_out_tasks(3), validation=validation_tasks(3),
         teacher=dict(TINY_TEACHERS, tasks_per_group=30), training=TINY_TRAINING + TINY_STEPS,

@@ -132,7 +132,7 @@ TINY_STEPS = ("steps=1400", "save_every=1400")
 TINY_MULTITASK_STEPS = 900
 TINY_TEACHERS = dict(warmup_steps=60, snapshot_every=5, snapshots=8, batch_size=4, max_length=64, eval_limit=64)
 PLANS: dict[str, DemoPlan] = {
-    # ≤ 10 minutes on 2 cores on the host of an earlier release (16-17 on a slower one; halving LLGBM's batch or
+    # ≤ 10 minutes on 2 cores on the host of an earlier release (13.5-17.4 on slower ones; halving LLGBM's batch or
     # the multitask LoRA's steps lost on the validation members, README): suite v3 (59 tasks, 49 train the
     # generators), its held-out and validation members, 3 seeds. Suite v3, not v2: v2's training tasks negate
     # three of its five categories, and no generator negated a fourth on its validation member (word_not_animal,

@@ -82,6 +82,7 @@ if [ "$MODE" = cuda ]; then
   part delta-qwen1.5b 55 "$PY" "$B/delta.py" --device cuda --geometry qwen2.5-1.5b --dtype bf16 --adapters 8 32 \
     --probes 5 --repeats 5
   part tokens-qwen0.5b 35 "$PY" "$B/tokens.py" --layout qwen2.5-0.5b --device cuda --repeats 5
+  part token-loss-qwen1.5b 25 "$PY" "$B/token_loss.py" --layout qwen2.5-1.5b --batch 8 --device cuda
   part train-tiny 65 "$PY" "$B/train.py" --device cuda --steps 300 --warmup 20
   part train-qwen0.5b 120 "$PY" "$B/train.py" --device cuda --geometry qwen2.5-0.5b --dtype bf16 --steps 100 \
     --warmup 10 data.num_workers=4
@@ -92,6 +93,7 @@ else  # the same steps at CPU sizes, fp32 (bf16 matmuls are very slow on most CP
   part delta-qwen0.5b-1layer 55 "$PY" "$B/delta.py" --device cpu --geometry qwen2.5-0.5b --layers 1 --adapters 2 \
     --probes 1 --repeats 1 --threads 1 --no-memory
   part tokens-tiny 25 "$PY" "$B/tokens.py" --layout tiny --device cpu --repeats 2
+  part token-loss-tiny 20 "$PY" "$B/token_loss.py" --layout tiny --device cpu --repeats 5
   part train-tiny 65 "$PY" "$B/train.py" --device cpu --steps 12 --warmup 2 --teachers 1 batch_size=2
   part train-qwen0.5b-1layer 85 "$PY" "$B/train.py" --device cpu --geometry qwen2.5-0.5b --layers 1 --steps 3 \
     --warmup 1 --teachers 1 batch_size=2

@@ -64,3 +64,20 @@ def test_scoring_benchmark_variants_agree(tiny_model):
         assert set(scored) == {option_tokens}
         shared = bench.sequence_log_likelihoods(model, sequences, scored, 0, adapters)[0]
         torch.testing.assert_close(shared, bench.whole_rows(model, sequences, scored, 0, adapters), rtol=0, atol=1e-5)
+
+
+def test_token_loss_benchmark_compares_equal_losses(monkeypatch, capsys):
+    """benchmarks/token_loss.py: its plain reference is the loss ``TokenMSELoss`` fuses (it checks the bits
+    before timing), and it reports a speedup and the memory kept for the backward by each."""
+    spec = importlib.util.spec_from_file_location("bench_token_loss", REPO_ROOT / "benchmarks" / "token_loss.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr("sys.argv", ["token_loss.py", "--batch", "2", "--repeats", "1"])
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "bits equal" in out and "speedup=" in out
+    assert float(out.split("saved_memory_ratio=")[1]) > 1.0  # the fused loss keeps only (pred − target)

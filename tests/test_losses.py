@@ -50,6 +50,27 @@ def test_token_mse_by_hand():
     assert TokenMSELoss(torch.tensor([1.0, 2.0]))(pred, target)["loss"].item() == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_token_mse_equals_the_plain_autograd_expression(dtype, weighted):
+    """The fused loss gives the bits of ``where(~isnan(t), p − t, 0).square() · w`` / count, and its gradient."""
+    gen = torch.Generator().manual_seed(3)
+    target = torch.randn(3, 5, 4, 6, generator=gen).to(dtype)
+    target[:, :, 3:, 2:] = NAN
+    pred = torch.randn(3, 5, 4, 6, generator=gen).to(dtype).requires_grad_()
+    weight = torch.rand(5, generator=gen) * 3 if weighted else None
+    compute = torch.promote_types(dtype, torch.float32)
+    mask = ~torch.isnan(target)
+    squares = torch.where(mask, pred.to(compute) - target.to(compute), 0.0).square()
+    plain = (squares * weight.to(compute)[:, None, None] if weighted else squares).sum() / mask.sum()
+    (plain_grad,) = torch.autograd.grad(plain, pred)
+    fused = TokenMSELoss(weight)(pred, target)["loss"]
+    (fused_grad,) = torch.autograd.grad(fused, pred)
+    assert fused.dtype == plain.dtype and torch.equal(fused, plain)
+    assert fused_grad.dtype == dtype and torch.equal(fused_grad, plain_grad)
+    assert fused_grad[~mask].eq(0).all() and fused_grad[mask].ne(0).all()
+
+
 def test_token_mse_gradient_masked_and_inputs_untouched():
     pred, target = hand_tokens()
     pred = pred.requires_grad_()

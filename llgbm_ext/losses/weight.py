@@ -31,13 +31,44 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+class _MaskedSquareSum(torch.autograd.Function):
+    """Σ_n w_n · Σ (pred − target)² over the entries whose target is not NaN (w = None: all 1), and the
+    number of those entries, in a few passes over the tokens each way where autograd takes about a dozen
+    (DnD's tokens are the largest tensors of a generator step). The forward and the gradient are the
+    operations autograd would run on ``where(~isnan(target), pred − target, 0).square() · w``, in the
+    same order, so they give the same float32 values; only the intermediates are not kept."""
+
+    @staticmethod
+    def forward(ctx, pred: Tensor, target: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor]:
+        dtype = compute_dtype(pred)
+        diff = pred.to(dtype) - target.to(dtype)
+        missing = torch.isnan(target)
+        diff.masked_fill_(missing, 0.0)
+        square = diff * diff
+        if weight is not None:
+            square.mul_(weight.to(dtype)[:, None, None])
+        count = missing.numel() - missing.sum()
+        ctx.save_for_backward(diff, weight)
+        ctx.pred_dtype = pred.dtype
+        ctx.mark_non_differentiable(count)
+        return square.sum(), count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor, _count_grad):
+        diff, weight = ctx.saved_tensors
+        scale = grad if weight is None else (grad * weight.to(diff.dtype))[:, None, None]
+        return (diff * 2.0).mul_(scale).to(ctx.pred_dtype), None, None
+
+
 class TokenMSELoss(nn.Module):
     """DnD's criterion: mean over non-NaN target entries of ``criterion_weight[n] · (pred − target)²``.
 
     ``criterion_weight`` is DnD's per-token weight of shape (N,) (``criterion_weight.pt``), broadcast
     over (B, N, H, W) as (1, N, 1, 1); None weighs every token 1. The mask is ``~isnan(target)``.
     The mean is over masked entries (weights are not renormalised, as in DnD); an all-NaN target gives
-    NaN, as in DnD.
+    NaN, as in DnD. Fused (``_MaskedSquareSum``): about half the time of the plain autograd expression,
+    with the same values and gradients.
 
     Same value as DnD's ``HyperConvDecoderModel.criterion`` after its loop's ``nan_to_num_``, but the
     inputs are left untouched: DnD writes zeros into ``output[~mask]`` and ``target[~mask]`` in place.
@@ -58,17 +89,13 @@ class TokenMSELoss(nn.Module):
                 f"TokenMSELoss: predicted tokens {tuple(pred.shape)} and target tokens {tuple(target.shape)} "
                 "must have the same shape (..., N, H, W)"
             )
-        dtype = compute_dtype(pred)
-        mask = ~torch.isnan(target)
-        sq_err = torch.where(mask, pred.to(dtype) - target.to(dtype), 0.0).square()
-        if self.criterion_weight is not None:
-            if self.criterion_weight.shape[0] != pred.shape[-3]:
-                raise LossError(
-                    f"TokenMSELoss: criterion_weight has {self.criterion_weight.shape[0]} entries but the "
-                    f"tokens have N = {pred.shape[-3]}"
-                )
-            sq_err = sq_err * self.criterion_weight.to(dtype)[:, None, None]
-        return {"loss": sq_err.sum() / mask.sum()}
+        if self.criterion_weight is not None and self.criterion_weight.shape[0] != pred.shape[-3]:
+            raise LossError(
+                f"TokenMSELoss: criterion_weight has {self.criterion_weight.shape[0]} entries but the "
+                f"tokens have N = {pred.shape[-3]}"
+            )
+        total, count = _MaskedSquareSum.apply(pred, target, self.criterion_weight)
+        return {"loss": total / count}
 
 
 def check_projections(loss_name: str, pred: LoraFactors, target: LoraFactors) -> None:

@@ -332,7 +332,7 @@ class Trainer:
         cfg = self.cfg
         condition = self.encoder.condition(batch.prompts, cfg.generator.condition_level, self.device)
         if cfg.loss.noise > 0:
-            condition = condition + cfg.loss.noise * torch.randn_like(condition)
+            condition = torch.randn_like(condition).mul_(cfg.loss.noise).add_(condition)  # = c + σ·ε, in one buffer
         with_signals = cfg.loss.uses_delta and (cfg.loss.mode != "delta_guided" or step % cfg.loss.delta_every == 0)
         index = batch.indices.to(self.device)
         with self.accelerator.autocast():
@@ -342,7 +342,7 @@ class Trainer:
         if cfg.loss.weight_loss == "token":
             target = batch.tokens.to(self.device)
             if cfg.loss.noise > 0:
-                target = target + 0.1 * cfg.loss.noise * torch.randn_like(target)
+                target = torch.randn_like(target).mul_(0.1 * cfg.loss.noise).add_(target)
             weight_pred, weight_target = tokens, target
         else:
             weight_pred = detokenize(tokens, self.layout)
